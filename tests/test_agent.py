@@ -1,0 +1,138 @@
+"""PromptAgent: shapes, action layout, repeat masking, and independence from the rest of the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from alignsam.agent import PromptAgent, action_to_cell, masked_logits, policy_distribution
+
+
+def _inputs(batch: int, channels: int, size: int, actions: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    embedding = torch.randn(batch, channels, size, size, generator=g)
+    prev_mask = torch.rand(batch, 1, size, size, generator=g)
+    history = (torch.rand(batch, actions, generator=g) < 0.2).float()
+    return embedding, prev_mask, history
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "grid"),
+    [(256, 64, (10, 10)), (32, 16, (10, 10)), (64, 32, (8, 8)), (32, 16, (4, 6))],
+)
+def test_forward_shapes_for_any_embedding_and_grid(channels: int, size: int, grid: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    agent = PromptAgent(channels, grid=grid, hidden=16)
+    actions = grid[0] * grid[1]
+    embedding, prev_mask, history = _inputs(3, channels, size, actions)
+    logits, value = agent(embedding, prev_mask, history)
+    assert logits.shape == (3, actions)
+    assert value.shape == (3,)
+    assert torch.isfinite(logits).all() and torch.isfinite(value).all()
+
+
+def test_initial_policy_is_near_uniform() -> None:
+    torch.manual_seed(0)
+    agent = PromptAgent(32, grid=(10, 10), hidden=16)
+    embedding, prev_mask, history = _inputs(4, 32, 16, 100)
+    logits, _ = agent(embedding, prev_mask, history)
+    probs = policy_distribution(logits, torch.zeros_like(history)).probs
+    assert torch.allclose(probs, torch.full_like(probs, 0.01), atol=2e-3)
+
+
+@pytest.mark.parametrize("use_history", [True, False])
+def test_sample_logits_do_not_depend_on_the_rest_of_the_batch(use_history: bool) -> None:
+    torch.manual_seed(0)
+    agent = PromptAgent(32, grid=(8, 8), hidden=16, use_history=use_history)
+    embedding, prev_mask, history = _inputs(5, 32, 16, 64, seed=1)
+    batch_logits, batch_value = agent(embedding, prev_mask, history)
+    for i in range(5):
+        alone_logits, alone_value = agent(embedding[i : i + 1], prev_mask[i : i + 1], history[i : i + 1])
+        torch.testing.assert_close(alone_logits[0], batch_logits[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(alone_value[0], batch_value[i], rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d | nn.MultiheadAttention) for m in agent.modules())
+
+
+def test_state_is_embedding_times_previous_mask() -> None:
+    torch.manual_seed(0)
+    agent = PromptAgent(8, grid=(4, 4), hidden=8)
+    embedding, _, history = _inputs(2, 8, 16, 16)
+    zero_mask = torch.zeros(2, 1, 16, 16)
+    # With M = 0 the state is 0 whatever the image: both images look the same to the agent.
+    logits, value = agent(embedding, zero_mask, history[:1].expand(2, -1))
+    torch.testing.assert_close(logits[0], logits[1])
+    torch.testing.assert_close(value[0], value[1])
+
+
+def test_history_channel_is_row_major() -> None:
+    # Wire the policy head so the logit of each cell is just its history bit: the hot logit must sit at the
+    # action a = row * grid_w + col that was marked, on a non-square grid.
+    grid = (3, 5)
+    agent = PromptAgent(4, grid=grid, hidden=8, use_history=True)
+    with torch.no_grad():
+        first, last = agent.policy_head[0], agent.policy_head[-1]
+        first.weight.zero_()
+        first.bias.zero_()
+        first.weight[0, -1] = 1.0  # hidden unit 0 <- history channel
+        last.weight.zero_()
+        last.bias.zero_()
+        last.weight[0, 0] = 1.0
+    history = torch.zeros(1, 15)
+    row, col = 2, 3
+    history[0, row * grid[1] + col] = 1.0
+    logits, _ = agent(torch.randn(1, 4, 12, 12), torch.ones(1, 1, 12, 12), history)
+    assert int(logits.argmax()) == row * grid[1] + col
+    r, c = action_to_cell(logits.argmax(dim=1), grid)
+    assert (int(r), int(c)) == (row, col)
+
+
+def test_without_history_the_agent_ignores_it() -> None:
+    torch.manual_seed(0)
+    agent = PromptAgent(8, grid=(4, 4), hidden=8, use_history=False)
+    embedding, prev_mask, history = _inputs(2, 8, 16, 16)
+    a = agent(embedding, prev_mask, history)
+    b = agent(embedding, prev_mask, torch.zeros_like(history))
+    torch.testing.assert_close(a, b)
+
+
+def test_masked_logits_forbid_chosen_actions_without_nan() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]], requires_grad=True)
+    history = torch.tensor([[0, 1, 0, 1]], dtype=torch.bool)
+    dist = policy_distribution(logits, history)
+    assert dist.probs[0, 1] == 0 and dist.probs[0, 3] == 0
+    # The remaining two share the mass: softmax([0, 2]).
+    torch.testing.assert_close(dist.probs[0, [0, 2]], torch.softmax(torch.tensor([0.0, 2.0]), 0))
+    entropy = dist.entropy()
+    entropy.sum().backward()
+    assert torch.isfinite(entropy).all() and torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 1] == 0 and logits.grad[0, 3] == 0
+
+    # Degenerate: everything chosen -> uniform, still finite.
+    everything = policy_distribution(logits.detach(), torch.ones(1, 4, dtype=torch.bool))
+    torch.testing.assert_close(everything.probs, torch.full((1, 4), 0.25))
+    assert torch.isfinite(everything.entropy()).all()
+
+    # Unmasked distribution leaves the logits alone; masked_logits keeps dtype.
+    assert (policy_distribution(logits, history, mask_repeats=False).probs > 0).all()
+    half = masked_logits(torch.zeros(1, 4, dtype=torch.float16), history)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+
+
+def test_act_never_repeats_an_action_within_an_episode() -> None:
+    torch.manual_seed(0)
+    grid = (3, 3)
+    agent = PromptAgent(8, grid=grid, hidden=8)
+    embedding, prev_mask, _ = _inputs(4, 8, 12, 9)
+    history = torch.zeros(4, 9)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(9):
+        action, logprob, value = agent.act(embedding, prev_mask, history, generator=generator)
+        assert action.shape == logprob.shape == value.shape == (4,)
+        assert not history.gather(1, action[:, None]).bool().any()
+        history.scatter_(1, action[:, None], 1.0)
+    assert history.bool().all()
+
+    greedy, _, _ = agent.act(embedding, prev_mask, torch.zeros(4, 9), deterministic=True)
+    logits, _ = agent(embedding, prev_mask, torch.zeros(4, 9))
+    assert torch.equal(greedy, logits.argmax(dim=1))
