@@ -253,6 +253,44 @@ def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def predict_masks_batched(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.predict_masks`` with one image embedding *per prompt set*.
+
+    The stock decoder repeats one image embedding for every prompt set; here row i of the batch
+    pairs embedding i with prompt set i. Same weights and the same operations (differentiable, so
+    the offline benchmark's SAM trainer uses it too).
+
+    Arguments:
+      image_embeddings: ``[B, C, h, w]``; image_pe: ``[1, C, h, w]`` (``get_dense_pe()``);
+      sparse: ``[B, N, C]`` and dense: ``[B, C, h, w]`` prompt embeddings.
+    Returns:
+      mask logits ``[B, 4, 4h, 4w]`` (index 0: single-mask output, 1-3: multimask) and IoU
+      predictions ``[B, 4]``.
+    """
+    b = sparse.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+    src = image_embeddings + dense
+    pos_src = image_pe.expand(b, -1, -1, -1)
+    _, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+    )
+    _, c2, h2, w2 = upscaled.shape
+    masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
+    return masks, decoder.iou_prediction_head(iou_token_out)
+
+
 @dataclass
 class ImageEmbedding:
     """SAM's encoding of one image.
@@ -473,6 +511,24 @@ class FrozenSam:
         )
         return points.float() * scale[:, None, :]
 
+    def points_to_grid(self, points: torch.Tensor, original_sizes: Sequence[Size], grid: int) -> torch.Tensor:
+        """``[B, N, 2]`` (x, y) image pixels -> ``[B, N, 2]`` (row, col) cells of a ``grid`` x ``grid``
+        map laid over SAM's padded input frame (the frame of :meth:`to_embedding_frame`)."""
+        xy = self.transform_points(points, original_sizes) * (grid / self.spec.image_size)
+        rc = xy.flip(-1).long()
+        return rc.clamp_(0, grid - 1)
+
+    def grid_to_points(self, cells: torch.Tensor, original_sizes: Sequence[Size], grid: int) -> torch.Tensor:
+        """Inverse of :meth:`points_to_grid`: ``[B, N, 2]`` (row, col) -> cell centres (x, y) in pixels,
+        clamped inside each image."""
+        xy = (cells.flip(-1).float() + 0.5) * (self.spec.image_size / grid)
+        scale = torch.tensor(
+            [[self.input_size(s)[1] / s[1], self.input_size(s)[0] / s[0]] for s in original_sizes],
+            device=cells.device,
+        )
+        limit = torch.tensor([[s[1] - 1, s[0] - 1] for s in original_sizes], device=cells.device, dtype=torch.float32)
+        return torch.minimum(xy / scale[:, None, :], limit[:, None, :]).clamp_(min=0)
+
     @torch.no_grad()
     def decode(
         self,
@@ -514,7 +570,7 @@ class FrozenSam:
             boxes=None,
             masks=mask_input.to(dev) if mask_input is not None else None,
         )
-        logits, iou = self._predict_masks(embeddings.to(dev), sparse, dense)
+        logits, iou = predict_masks_batched(self.model.mask_decoder, embeddings.to(dev), self._dense_pe, sparse, dense)
         if multimask:
             logits, iou = logits[:, 1:], iou[:, 1:]
         else:
@@ -525,32 +581,6 @@ class FrozenSam:
             chosen = logits[torch.arange(b, device=dev), best][:, None]
             out.probs = self.postprocess(chosen, sizes, out_size)
         return out
-
-    def _predict_masks(
-        self, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``MaskDecoder.predict_masks`` with one image embedding *per prompt set*.
-
-        The stock decoder repeats one image embedding for every prompt set; here row i of the
-        batch pairs embedding i with prompt set i. Same weights and the same operations.
-        """
-        dec = self.model.mask_decoder
-        b = sparse.shape[0]
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-        src = image_embeddings + dense
-        pos_src = self._dense_pe.expand(b, -1, -1, -1)
-        _, c, h, w = src.shape
-        hs, src = dec.transformer(src, pos_src, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + dec.num_mask_tokens, :]
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1
-        )
-        _, c2, h2, w2 = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
-        return masks, dec.iou_prediction_head(iou_token_out)
 
     def postprocess(
         self, low_res: torch.Tensor, original_sizes: Sequence[Size], out_size: Size | None = None

@@ -156,3 +156,14 @@ def test_gray_and_rgba_images_are_accepted(sam):
     rgba = np.concatenate([img, np.full((*img.shape[:2], 1), 255, np.uint8)], axis=2)
     assert torch.equal(sam.embed(rgba).features, sam.embed(img).features)
     assert sam.embed(img[:, :, 0]).features.shape == (32, 16, 16)
+
+
+def test_points_to_grid_and_back(sam):
+    sizes = [(100, 200), (200, 100)]
+    # (x, y) = (199, 99) is the far corner of a 100x200 image: it fills the top half of the frame.
+    pts = torch.tensor([[[199.0, 99.0], [0.0, 0.0]], [[99.0, 199.0], [50.0, 100.0]]])
+    cells = sam.points_to_grid(pts, sizes, 16)
+    assert cells.tolist() == [[[7, 15], [0, 0]], [[15, 7], [8, 4]]]
+    back = sam.grid_to_points(cells, sizes, 16)
+    assert torch.equal(sam.points_to_grid(back, sizes, 16), cells)
+    assert (back[0, :, 0] <= 199).all() and (back[0, :, 1] <= 99).all()
