@@ -51,7 +51,9 @@ def test_sample_logits_do_not_depend_on_the_rest_of_the_batch(use_history: bool)
         alone_logits, alone_value = agent(embedding[i : i + 1], prev_mask[i : i + 1], history[i : i + 1])
         torch.testing.assert_close(alone_logits[0], batch_logits[i], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(alone_value[0], batch_value[i], rtol=1e-5, atol=1e-5)
-    assert not any(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d | nn.MultiheadAttention) for m in agent.modules())
+    assert not any(
+        isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d | nn.MultiheadAttention) for m in agent.modules()
+    )
 
 
 def test_state_is_embedding_times_previous_mask() -> None:
