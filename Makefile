@@ -31,7 +31,7 @@ lint: setup
 	$(PY) -m ruff check .
 
 bench: setup
-	$(PY) benchmarks/bench_perception.py
+	$(PY) -m benchmarks.bench_perception
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .ruff_cache

@@ -101,10 +101,10 @@ class PromptEnv:
 
         ``gt_at_action [N, A]``: the reward table. ``gt_sample [N, R, R]`` and ``sample_xy``:
         ground truth read at R x R pixel centres, to draw initial points from exactly labelled
-        pixels. ``gt_grid [N, 1, h, w]``: the mask in SAM's embedding frame (SRM targets).
+        pixels.
         """
         r = self.cfg.init_sample_res
-        at_action, samples, sample_xy, grids = [], [], [], []
+        at_action, samples, sample_xy = [], [], []
         for mask, size, pts in zip(gt_masks, self.sizes, self.action_xy.cpu(), strict=True):
             m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).bool()
             if tuple(m.shape) != size:
@@ -116,11 +116,9 @@ class PromptEnv:
             samples.append(m[_pixel(ys, h)][:, _pixel(xs, w)])
             yy, xx = torch.meshgrid(ys, xs, indexing="ij")
             sample_xy.append(torch.stack([xx, yy], dim=-1).reshape(-1, 2))
-            grids.append(self.sam.to_embedding_frame(m.float().to(self.device), size))
         self.gt_at_action = torch.stack(at_action).to(self.device)  # [N, A] bool
         self.gt_sample = torch.stack(samples).reshape(len(samples), -1).to(self.device)  # [N, R*R] bool
         self.sample_xy = torch.stack(sample_xy).to(self.device)  # [N, R*R, 2]
-        self.gt_grid = torch.stack(grids)[:, None].to(self.device)  # [N, 1, h, w]
 
     def sample_initial_points(
         self, image_index: torch.Tensor, generator: torch.Generator | None = None
@@ -148,11 +146,13 @@ class PromptEnv:
         init_points: torch.Tensor | None = None,
         init_labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        steps: int | None = None,
     ) -> None:
         """Starts B episodes on ``image_index [B]`` from an initial prompt set.
 
         Without ``init_points`` (training) the pair is drawn from the ground truth. At inference
         the caller passes the SRM's argmax / argmin points, ``[B, K, 2]`` with ``[B, K]`` labels.
+        ``steps`` overrides the episode length T (the w/o multi-step ablation uses 1).
         """
         self.image_index = image_index.to(self.device)
         b = self.image_index.shape[0]
@@ -160,7 +160,7 @@ class PromptEnv:
             init_points, init_labels = self.sample_initial_points(self.image_index, generator)
         assert init_labels is not None
         k = init_points.shape[1]
-        steps = self.cfg.steps
+        self.steps = steps = self.cfg.steps if steps is None else steps
         self.points = torch.zeros(b, k + steps, 2, device=self.device)
         self.labels = torch.full((b, k + steps), -1, dtype=torch.long, device=self.device)
         self.points[:, :k] = init_points.to(self.device)
@@ -188,8 +188,8 @@ class PromptEnv:
 
     def step(self, actions: torch.Tensor, labels: torch.Tensor) -> StepResult:
         """Adds the patch centre of ``actions [B]`` with ``labels [B]`` (1/0) and re-decodes."""
-        if self.t >= self.cfg.steps:
-            raise RuntimeError(f"episode already has its {self.cfg.steps} steps; call reset()")
+        if self.t >= self.steps:
+            raise RuntimeError(f"episode already has its {self.steps} steps; call reset()")
         actions = actions.to(self.device)
         rows = torch.arange(actions.shape[0], device=self.device)
         self.points[:, self.n_points] = self.action_xy[self.image_index, actions]

@@ -1,0 +1,276 @@
+"""``alignsam`` command line: train, predict, eval, bench, presets, demo.
+
+Errors a user can cause (empty folders, unpaired files, unreadable images, wrong mask sizes,
+missing checkpoints) end the command with one readable line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from alignsam.errors import AlignSamError
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_SMALL_SAM = ASSETS / "sam_small.pth"
+
+
+def _warn(msg: str) -> None:
+    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------- model loading
+def load_sam(preset: str, checkpoint: str | None, device: str, cache_dir: str | None = None):
+    from alignsam.sam import FrozenSam
+
+    if checkpoint is None and preset == "small" and BUNDLED_SMALL_SAM.is_file():
+        checkpoint = str(BUNDLED_SMALL_SAM)
+    if checkpoint is None:
+        _warn(
+            f"no checkpoint for SAM preset {preset!r}: using RANDOM weights. Masks are meaningless; "
+            "this only exercises the plumbing. Pass --sam-checkpoint for real work."
+        )
+    return FrozenSam.from_preset(preset, checkpoint=checkpoint, device=device, cache_dir=cache_dir)
+
+
+def load_clip(preset: str, pretrained: str | None, device: str):
+    from alignsam.clip_surgery import ClipSurgery
+
+    if preset == "none":
+        return None
+    kwargs = {"device": device}
+    if pretrained:
+        kwargs["pretrained"] = pretrained
+    clip = ClipSurgery.from_preset(preset, **kwargs)
+    if clip.pretrained is None:
+        _warn(f"CLIP preset {preset!r} has random weights: its similarity maps carry no text meaning.")
+    return clip
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _add_model_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
+    p.add_argument("--sam-preset", default="small", help="vit_b | vit_l | vit_h | small | tiny (default: small)")
+    p.add_argument("--sam-checkpoint", default=None, help="SAM checkpoint (.pth); default: bundled small SAM")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--cache-dir", default=None, help="on-disk SAM embedding cache folder")
+    if clip:
+        p.add_argument("--clip-preset", default="vit_b16", help="vit_b16 (OpenAI ViT-B/16) | tiny | none")
+        p.add_argument("--clip-pretrained", default=None, help="open_clip tag or local weights file")
+
+
+# ---------------------------------------------------------------------------------- drawing
+def overlay(image: np.ndarray, mask: np.ndarray, points: Sequence[tuple[float, float, int]]) -> np.ndarray:
+    """The image with the mask tinted and the prompt points drawn (green positive, red negative)."""
+    from PIL import Image, ImageDraw
+
+    out = image.astype(np.float32).copy()
+    tint = np.array([40, 200, 255], np.float32)
+    out[mask] = 0.55 * out[mask] + 0.45 * tint
+    pil = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    r = max(3, round(min(image.shape[:2]) / 80))
+    for x, y, label in points:
+        color = (0, 230, 0) if label == 1 else (240, 0, 0)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=color, outline=(255, 255, 255))
+    return np.asarray(pil)
+
+
+def _save_png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_presets(args: argparse.Namespace) -> int:
+    from alignsam.sam import list_presets
+
+    print(f"{'preset':8} {'input':>6} {'embedding':>12} {'params':>12}  description")
+    for p in list_presets():
+        print(f"{p.name:8} {p.image_size:>6} {p.embedding:>12} {p.parameters:>12,}  {p.description}")
+    if BUNDLED_SMALL_SAM.is_file():
+        print(f"\nbundled checkpoint for 'small': {BUNDLED_SMALL_SAM}")
+    return 0
+
+
+def _progress_printer(total_hint: str = ""):
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def callback(p) -> None:
+        if p.stage == "training":
+            bar = bars.get(p.branch)
+            if bar is None:
+                bar = bars[p.branch] = tqdm(total=p.episodes, desc=f"train {p.branch}", unit="ep", file=sys.stderr)
+            bar.update(p.episode - bar.n)
+            bar.set_postfix(reward=f"{p.reward:.2f}", fr=f"{p.foreground_rate:.2f}", srm=f"{p.srm_loss:.3f}")
+            if p.episode == p.episodes:
+                bar.close()
+        elif p.stage == "done":
+            print(f"chose the {p.branch} SRM branch (validation mIoU {p.val_miou:.3f})", file=sys.stderr)
+
+    return callback
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from alignsam.bundle import save_bundle
+    from alignsam.data import load_folder
+    from alignsam.ppo import PPOConfig
+    from alignsam.train import TrainConfig, train
+
+    samples = load_folder(args.images, args.masks, args.prompt, limit=args.samples)
+    device = _device(args.device)
+    sam = load_sam(args.sam_preset, args.sam_checkpoint, device, args.cache_dir)
+    clip = load_clip(args.clip_preset, args.clip_pretrained, device) if args.branch != "implicit" else None
+    cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, steps=args.steps), branch=args.branch, seed=args.seed)
+    print(f"training on {len(samples)} samples of {args.prompt!r} with SAM {sam.model_id} on {device}", file=sys.stderr)
+    result = train(sam, samples, cfg, clip=clip, callback=_progress_printer())
+    meta = save_bundle(result.policy, args.out, sam, args.prompt,
+                       clip_model=args.clip_preset if result.policy.branch == "explicit" else None)
+    print(json.dumps({"bundle": str(args.out), "version": meta["version"], "branch": meta["branch"],
+                      "validation": meta["val_metrics"], "candidates": result.candidates}, indent=2))
+    return 0
+
+
+def _load_model(args: argparse.Namespace):
+    from alignsam.bundle import read_meta
+    from alignsam.predict import AlignSAM
+
+    meta = read_meta(args.bundle)
+    device = _device(args.device)
+    sam = load_sam(meta["sam_preset"], args.sam_checkpoint, device, args.cache_dir)
+    clip = None
+    if meta["branch"] == "explicit":
+        clip = load_clip(meta.get("clip_model") or args.clip_preset, args.clip_pretrained, device)
+    return AlignSAM.from_bundle(args.bundle, sam, clip)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from alignsam.data import list_images, read_image
+
+    model = _load_model(args)
+    files = list_images(args.images)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for stem, path in tqdm(sorted(files.items()), desc="predict", unit="img", file=sys.stderr):
+        image = read_image(path)
+        pred = model.predict([image])[0]
+        _save_png(out / f"{stem}.png", (pred.mask * 255).astype(np.uint8))
+        _save_png(out / f"{stem}.overlay.png", overlay(image, pred.mask, pred.points))
+        summary.append({"image": stem, "score": round(pred.score, 4), "present": round(pred.present, 4),
+                        "area": int(pred.mask.sum()), "points": pred.points})
+    (out / "predictions.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {len(summary)} masks and overlays to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from alignsam.data import load_folder
+    from alignsam.evaluate import evaluate, format_table
+
+    model = _load_model(args)
+    samples = load_folder(args.images, args.masks, model.text)
+    table = evaluate(model, samples, ablations=args.ablations)
+    print(format_table(table))
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from alignsam.bench import run_perception_bench
+
+    run_perception_bench(presets=args.presets, device=_device(args.device), repeat=args.repeat)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from alignsam.demo import run_demo
+
+    return run_demo(Path(args.out), device=_device(args.device), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="alignsam", description="AlignSAM: RL prompting of a frozen SAM.")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a policy on images + masks")
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--prompt", required=True, help="the target's text, e.g. 'shadow'")
+    p.add_argument("--out", required=True, help="bundle path to write (.pt, plus a .json sidecar)")
+    p.add_argument("--branch", choices=["implicit", "explicit", "auto"], default="auto")
+    p.add_argument("--samples", type=int, default=None, help="use at most N samples")
+    p.add_argument("--episodes", type=int, default=50, help="E (paper: 50)")
+    p.add_argument("--steps", type=int, default=15, help="T (paper: 15)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment a folder of images with a bundle")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="the paper's metrics table on images + masks")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--json", default=None)
+    p.add_argument("--ablations", action="store_true", help="also w/o RL, w/o SRM, w/o multi-step")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="speed benchmarks (encoder, decoder, CLIP map, episode)")
+    p.add_argument("--presets", nargs="+", default=["vit_b", "small"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeat", type=int, default=5)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("presets", help="list SAM presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("demo", help="run the pipeline on bundled data (no downloads)")
+    p.add_argument("--out", default="run/demo")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="fewer episodes (for smoke tests)")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except AlignSamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The one object users touch: :class:`AlignSAM`, a trained policy driving a frozen SAM.
+
+    sam = FrozenSam.from_preset("vit_b", checkpoint="sam_vit_b_01ec64.pth", device="cuda")
+    model = AlignSAM.from_bundle("shadow.pt", sam, clip=ClipSurgery(device="cuda"))
+    for p in model.predict([image]):
+        p.mask, p.score, p.points
+
+Deterministic: the agent takes its argmax action at every step. Batched over images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from alignsam.bundle import Bundle, load_bundle
+from alignsam.clip_surgery import ClipSurgery
+from alignsam.env import PromptEnv
+from alignsam.errors import BundleError
+from alignsam.rollout import ActionSource, LabelSource, SrmInputs, add_clip_maps, encode, rollout
+from alignsam.sam import FrozenSam
+
+
+@dataclass
+class Prediction:
+    """AlignSAM's answer for one image.
+
+    Attributes:
+      mask: ``HxW`` bool, the target region (empty when the SRM finds no target).
+      probs: ``HxW`` float32 probabilities.
+      score: SAM's predicted IoU of the mask times the SRM's presence probability, in [0, 1].
+      present: the SRM's probability that the target is in the image.
+      points: the prompt points in order, ``(x, y, label)`` in image pixels, label 1 = positive.
+    """
+
+    mask: np.ndarray
+    probs: np.ndarray
+    score: float
+    present: float
+    points: list[tuple[float, float, int]] = field(default_factory=list)
+
+
+class AlignSAM:
+    """A trained AlignSAM policy (agent + SRM) on a frozen SAM.
+
+    Arguments:
+      sam: the SAM the bundle was trained with.
+      bundle: a loaded policy bundle.
+      clip: CLIP-Surgery model, needed when the bundle's SRM is the explicit branch.
+    """
+
+    def __init__(self, sam: FrozenSam, bundle: Bundle, clip: ClipSurgery | None = None) -> None:
+        if bundle.meta["branch"] == "explicit" and clip is None:
+            raise BundleError("this policy uses the explicit SRM branch: pass a CLIP-Surgery model (clip=...)")
+        self.sam = sam
+        self.bundle = bundle
+        self.clip = clip
+        self.agent = bundle.agent.to(sam.device).eval()
+        self.srm = bundle.srm.to(sam.device).eval()
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, sam: FrozenSam, clip: ClipSurgery | None = None) -> AlignSAM:
+        return cls(sam, load_bundle(path, sam, device=sam.device), clip)
+
+    @property
+    def text(self) -> str:
+        return self.bundle.text
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        text: str | None = None,
+        batch_size: int = 16,
+        actions: ActionSource = "agent",
+        labels: LabelSource = "srm",
+        steps: int | None = None,
+        masks: Sequence[np.ndarray] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[Prediction]:
+        """Segments the bundle's target (or ``text``) in each image.
+
+        ``actions`` / ``labels`` / ``steps`` select the paper's ablations (random actions, all
+        points positive, T=1); ``masks`` (ground truth) is needed only for ``labels="gt"``.
+        """
+        text = text or self.text
+        cfg = self.bundle.config
+        steps = cfg.ppo.steps if steps is None else steps
+        out: list[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start : start + batch_size])
+            gt = list(masks[start : start + batch_size]) if masks is not None else None
+            enc = encode(self.sam, chunk, masks=gt)
+            if self.srm.branch == "explicit":
+                assert self.clip is not None
+                add_clip_maps(enc, self.sam, self.clip, chunk, [text] * len(chunk))
+            srm_in = SrmInputs(self.sam, enc)
+            env = PromptEnv(self.sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
+            idx = torch.arange(len(chunk), device=self.sam.device)
+            res = rollout(self.sam, env, srm_in, self.agent, self.srm, idx, steps, actions=actions,
+                          labels=labels, mask_repeats=cfg.ppo.mask_repeats, generator=generator)
+            for i in range(len(chunk)):
+                probs = res.probs[i].float().cpu().numpy()
+                pts = [
+                    (float(x), float(y), int(lab))
+                    for (x, y), lab in zip(res.points[i].tolist(), res.labels[i].tolist(), strict=True)
+                    if lab >= 0
+                ]
+                out.append(Prediction(probs > 0.5, probs, float(res.score[i]), float(res.present[i]), pts))
+        return out
