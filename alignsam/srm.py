@@ -1,0 +1,388 @@
+"""Semantic Recalibration Module (paper section 3.3): which prompt points are foreground.
+
+The SRM predicts a foreground probability for every position of SAM's embedding grid from two states:
+
+* spatial state ``F_I * P_{t-1}``: SAM's embedding times SAM's previous probability map;
+* semantic state ``F_I * A_clip``: SAM's embedding times the CLIP-Surgery similarity map of the label's text.
+
+The implicit branch (abstract targets: saliency, blur, glass) uses the spatial state only: two convolution
+blocks. The explicit branch (concrete objects) fuses both states with three convolution layers, relates all
+positions with one self-attention layer, and decodes with two convolution layers. Both also say whether the
+target is present at all (``presence_logit``), so a label absent from an image can yield no region.
+
+The chosen action's label is the SRM's prediction at its position (:func:`label_points`); at inference the
+first prompt pair is the SRM's highest- and lowest-scoring positions (:func:`initial_points`).
+
+Cost. The SRM is trained M times after every action (paper: M=5 for the explicit branch), so it must be cheap
+next to the SAM decoder call that each action costs (~220 ms per sample for vit_b on one CPU thread). Three
+choices keep it so:
+
+* The inputs are average-pooled to at most ``work_grid`` x ``work_grid`` before any layer. The first layer of
+  each state is a 1x1 convolution, which commutes with average pooling, so this is exact for that layer, and
+  the pooling has no parameters, so :meth:`SRM.pool_spatial` / :meth:`SRM.pool_semantic` can run once per
+  action (and once per image for the semantic state) while the M updates reuse them. The logits are upsampled
+  bilinearly back to the embedding grid (h, w), where the loss is taken.
+* Self-attention runs over at most ``attn_grid`` x ``attn_grid`` tokens (pooled, then upsampled back and added
+  as a residual), so it stays affordable for any embedding size.
+* GroupNorm and LayerNorm only: every operation is per sample; attention is over the positions of one sample,
+  never across the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Branch = Literal["implicit", "explicit"]
+
+
+@dataclass
+class SRMConfig:
+    """SRM hyperparameters (paper section 4.1: M = 1 update per action for implicit, 5 for explicit)."""
+
+    branch: Branch = "implicit"
+    """which branch to train"""
+    updates_implicit: int = 1
+    """M for the implicit branch"""
+    updates_explicit: int = 5
+    """M for the explicit branch"""
+    lr: float = 1e-3
+    """Adam learning rate"""
+    hidden: int = 64
+    """channel width"""
+    attn_grid: int = 32
+    """self-attention runs on at most attn_grid x attn_grid tokens"""
+    work_grid: int = 16
+    """layers run on at most work_grid x work_grid positions (cost; see the module docstring)"""
+
+    @property
+    def updates_per_step(self) -> int:
+        """M, the SRM updates after each action, for ``branch``."""
+        return self.updates_explicit if self.branch == "explicit" else self.updates_implicit
+
+
+class SRMOutput(NamedTuple):
+    logits: Tensor
+    """(B, 1, h, w) foreground logits per embedding position"""
+    presence_logit: Tensor
+    """(B,) logit that the target is present in the image at all"""
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+def _conv_block(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+        _group_norm(out_channels),
+        nn.ReLU(),
+    )
+
+
+class _PositionSelfAttention(nn.Module):
+    """Pre-norm self-attention over the positions of each sample, on at most ``grid`` x ``grid`` tokens.
+
+    Like a non-local block it has no positional encoding: it relates positions by content; where things are
+    comes from the surrounding convolutions and the residual.
+    """
+
+    def __init__(self, channels: int, num_heads: int, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.norm = nn.LayerNorm(channels)
+        self.attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (Tensor): (B, D, H, W) -> (B, D, H, W)."""
+        b, d, h, w = x.shape
+        size = (min(h, self.grid), min(w, self.grid))
+        small = F.adaptive_avg_pool2d(x, size) if size != (h, w) else x
+        tokens = self.norm(small.flatten(2).transpose(1, 2))  # B x (size) x D: batch_first, per sample
+        attended, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        attended = attended.transpose(1, 2).reshape(b, d, *size)
+        if size != (h, w):
+            attended = F.interpolate(attended, size=(h, w), mode="bilinear", align_corners=False)
+        return x + attended
+
+
+class SRM(nn.Module):
+    """Semantic Recalibration Module.
+
+    Arguments:
+      embed_dim (int): C, the channel count of SAM's image embedding.
+      branch (str): "implicit" (spatial state only) or "explicit" (spatial + CLIP semantic state, attention).
+      hidden (int): channel width.
+      attn_grid (int): self-attention runs on at most attn_grid x attn_grid tokens (explicit branch).
+      work_grid (int): layers run on at most work_grid x work_grid positions (see the module docstring).
+      num_heads (int): attention heads (explicit branch); must divide ``hidden``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        branch: Branch,
+        hidden: int = 64,
+        attn_grid: int = 32,
+        work_grid: int = 16,
+        num_heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if branch not in ("implicit", "explicit"):
+            raise ValueError(f"SRM branch must be 'implicit' or 'explicit', got {branch!r}")
+        self.embed_dim = embed_dim
+        self.branch: Branch = branch
+        self.hidden = hidden
+        self.work_grid = work_grid
+
+        if branch == "implicit":
+            # Two convolution blocks on the spatial state (a 1x1 stem, then 3x3 context).
+            self.encoder = nn.Sequential(
+                _conv_block(embed_dim + 1, hidden, 1),
+                _conv_block(hidden, hidden, 3),
+                _conv_block(hidden, hidden, 3),
+            )
+        else:
+            # Three convolution layers fuse the states: one 1x1 stem per state, a 3x3 fusion.
+            self.spatial_stem = _conv_block(embed_dim + 1, hidden, 1)
+            self.semantic_stem = _conv_block(embed_dim + 1, hidden, 1)
+            self.fuse = _conv_block(2 * hidden, hidden, 3)
+            if hidden % num_heads:
+                raise ValueError(f"SRM hidden={hidden} must be divisible by num_heads={num_heads}")
+            self.attention = _PositionSelfAttention(hidden, num_heads, attn_grid)
+            # Two convolution layers decode: a 3x3 block here, the 1x1 mask head below.
+            self.decoder = _conv_block(hidden, hidden, 3)
+        self.mask_head = nn.Conv2d(hidden, 1, kernel_size=1)
+        self.presence_head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    @classmethod
+    def from_config(cls, embed_dim: int, cfg: SRMConfig) -> SRM:
+        """An SRM with ``cfg``'s branch and sizes."""
+        return cls(embed_dim, cfg.branch, hidden=cfg.hidden, attn_grid=cfg.attn_grid, work_grid=cfg.work_grid)
+
+    # -- states --------------------------------------------------------------------------------------------
+
+    def _work_size(self, h: int, w: int) -> tuple[int, int]:
+        return min(h, self.work_grid), min(w, self.work_grid)
+
+    def _pool_product(self, embedding: Tensor, attention_map: Tensor) -> Tensor:
+        if embedding.shape[1] != self.embed_dim:
+            raise ValueError(f"embedding has {embedding.shape[1]} channels, SRM expects {self.embed_dim}")
+        attention_map = attention_map.to(embedding.dtype)
+        if attention_map.shape[-2:] != embedding.shape[-2:]:
+            raise ValueError(
+                f"map of size {tuple(attention_map.shape[-2:])} does not match the embedding grid "
+                f"{tuple(embedding.shape[-2:])}; resize it to the embedding grid first"
+            )
+        state = torch.cat([embedding * attention_map, attention_map], dim=1)
+        size = self._work_size(*embedding.shape[-2:])
+        return F.adaptive_avg_pool2d(state, size) if size != tuple(embedding.shape[-2:]) else state
+
+    def pool_spatial(self, embedding: Tensor, prev_prob: Tensor) -> Tensor:
+        """Spatial state ``[F_I * P_{t-1}, P_{t-1}]`` pooled to the work grid. No parameters.
+
+        Arguments:
+          embedding (Tensor): (B, C, h, w). prev_prob (Tensor): (B, 1, h, w) in [0, 1].
+
+        Returns:
+          (Tensor): (B, C+1, h', w') with h' = min(h, work_grid), w' = min(w, work_grid).
+        """
+        return self._pool_product(embedding, prev_prob)
+
+    def pool_semantic(self, embedding: Tensor, clip_map: Tensor) -> Tensor:
+        """Semantic state ``[F_I * A_clip, A_clip]`` pooled to the work grid (constant per image: cache it).
+
+        Arguments:
+          embedding (Tensor): (B, C, h, w). clip_map (Tensor): (B, 1, h, w) CLIP-Surgery similarity.
+
+        Returns:
+          (Tensor): (B, C+1, h', w').
+        """
+        return self._pool_product(embedding, clip_map)
+
+    # -- network -------------------------------------------------------------------------------------------
+
+    def forward_pooled(
+        self, spatial: Tensor, semantic: Tensor | None, out_size: tuple[int, int]
+    ) -> SRMOutput:
+        """Predict from pooled states (see :meth:`pool_spatial`, :meth:`pool_semantic`).
+
+        Arguments:
+          spatial (Tensor): (B, C+1, h', w'). semantic (Tensor | None): (B, C+1, h', w'), explicit branch only.
+          out_size (tuple[int, int]): (h, w) of the embedding grid, the size of the returned logits.
+
+        Returns:
+          (SRMOutput): logits (B, 1, h, w), presence_logit (B,).
+        """
+        if self.branch == "implicit":
+            features = self.encoder(spatial)
+        else:
+            if semantic is None:
+                raise ValueError(
+                    "the explicit SRM branch needs the CLIP-Surgery map (clip_map) of the label's text; "
+                    "pass it, or use the implicit branch"
+                )
+            features = self.fuse(torch.cat([self.spatial_stem(spatial), self.semantic_stem(semantic)], dim=1))
+            features = self.attention(features)
+            features = self.decoder(features)
+        logits = self.mask_head(features)
+        if tuple(logits.shape[-2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+        presence_logit = self.presence_head(pooled).squeeze(1)
+        return SRMOutput(logits=logits, presence_logit=presence_logit)
+
+    def forward(self, embedding: Tensor, prev_prob: Tensor, clip_map: Tensor | None = None) -> SRMOutput:
+        """Foreground logits per embedding position and the target's presence.
+
+        Arguments:
+          embedding (Tensor): (B, C, h, w) SAM image embeddings F_I.
+          prev_prob (Tensor): (B, 1, h, w) SAM's previous probability map P_{t-1}, resized to (h, w). Before
+            SAM has predicted anything (the first call at inference) pass ones: the state is then F_I itself.
+          clip_map (Tensor | None): (B, 1, h, w) CLIP-Surgery similarity A_clip; required by the explicit
+            branch, ignored by the implicit one.
+
+        Returns:
+          (SRMOutput): logits (B, 1, h, w), presence_logit (B,).
+        """
+        if self.branch == "explicit" and clip_map is None:
+            raise ValueError(
+                "the explicit SRM branch needs the CLIP-Surgery map (clip_map) of the label's text; "
+                "pass it, or use the implicit branch"
+            )
+        spatial = self.pool_spatial(embedding, prev_prob)
+        semantic = self.pool_semantic(embedding, clip_map) if self.branch == "explicit" else None
+        return self.forward_pooled(spatial, semantic, tuple(embedding.shape[-2:]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss (paper Eq. 13): Dice + BCE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dice_loss(prob: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """Soft Dice loss, per sample then averaged: ``1 - (2 sum(p g) + s) / (sum p + sum g + s)``.
+
+    The smoothing ``s`` (1.0, in pixels of the embedding grid) keeps an empty target defined: a perfect empty
+    prediction scores 0, and every predicted pixel on an empty target is penalised.
+
+    Arguments:
+      prob (Tensor): (B, ...) probabilities in [0, 1]. target (Tensor): (B, ...) in {0, 1}.
+
+    Returns:
+      (Tensor): scalar.
+    """
+    prob = prob.flatten(1)
+    target = target.flatten(1).to(prob.dtype)
+    intersection = (prob * target).sum(1)
+    dice = (2 * intersection + smooth) / (prob.sum(1) + target.sum(1) + smooth)
+    return (1 - dice).mean()
+
+
+def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy on logits, averaged over all elements. logits, target (Tensor): same shape."""
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+
+
+def srm_loss(out: SRMOutput, gt: Tensor, present: Tensor | None = None) -> Tensor:
+    """Dice + BCE on the mask logits (paper Eq. 13), plus BCE on the presence logit.
+
+    Arguments:
+      out (SRMOutput): logits (B, 1, h, w), presence_logit (B,).
+      gt (Tensor): (B, 1, h, w) ground truth in {0, 1}, downsampled to the embedding grid.
+      present (Tensor | None): (B,) whether the target is in the image; default: any foreground in ``gt``.
+
+    Returns:
+      (Tensor): scalar loss.
+    """
+    gt = gt.to(out.logits.dtype)
+    if present is None:
+        present = gt.flatten(1).amax(1)
+    mask = dice_loss(torch.sigmoid(out.logits), gt) + bce_loss(out.logits, gt)
+    return mask + bce_loss(out.presence_logit, present)
+
+
+def srm_update(
+    srm: SRM,
+    optimizer: torch.optim.Optimizer,
+    embedding: Tensor,
+    prev_prob: Tensor,
+    clip_map: Tensor | None,
+    gt: Tensor,
+    cfg: SRMConfig,
+    present: Tensor | None = None,
+    semantic: Tensor | None = None,
+) -> float:
+    """The M = ``cfg.updates_per_step`` SRM updates after one action. The states are pooled once.
+
+    Arguments:
+      srm (SRM): trained in place. optimizer: over its parameters (Adam, ``cfg.lr``).
+      embedding (Tensor): (B, C, h, w). prev_prob (Tensor): (B, 1, h, w). clip_map (Tensor | None): (B, 1, h, w).
+      gt (Tensor): (B, 1, h, w) in {0, 1}. present (Tensor | None): (B,).
+      semantic (Tensor | None): (B, C+1, h', w') cached :meth:`SRM.pool_semantic` output; saves pooling.
+
+    Returns:
+      (float): mean loss over the M updates.
+    """
+    out_size = tuple(embedding.shape[-2:])
+    with torch.no_grad():
+        spatial = srm.pool_spatial(embedding, prev_prob)
+        if srm.branch == "explicit" and semantic is None:
+            if clip_map is None:
+                raise ValueError("the explicit SRM branch needs the CLIP-Surgery map (clip_map)")
+            semantic = srm.pool_semantic(embedding, clip_map)
+    srm.train()
+    total = 0.0
+    for _ in range(cfg.updates_per_step):
+        loss = srm_loss(srm.forward_pooled(spatial, semantic, out_size), gt, present)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+    return total / cfg.updates_per_step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def label_points(out: SRMOutput, points_xy_grid: Tensor) -> Tensor:
+    """Label prompt points by the SRM: 1 (foreground) where sigmoid(logit) > 0.5, else 0 (background).
+
+    Arguments:
+      out (SRMOutput): logits (B, 1, h, w).
+      points_xy_grid (Tensor): (B, N, 2) long, (x, y) = (col, row) positions on the (h, w) embedding grid.
+
+    Returns:
+      (Tensor): (B, N) long labels.
+    """
+    logits = out.logits[:, 0]  # B x h x w
+    b, h, w = logits.shape
+    x, y = points_xy_grid[..., 0].long(), points_xy_grid[..., 1].long()
+    if bool((x < 0).any() or (x >= w).any() or (y < 0).any() or (y >= h).any()):
+        raise ValueError(f"points must lie on the {h} x {w} embedding grid as (x, y)")
+    flat = logits.reshape(b, h * w).gather(1, y * w + x)
+    return (flat > 0).long()  # sigmoid(l) > 0.5  <=>  l > 0
+
+
+def initial_points(out: SRMOutput) -> tuple[Tensor, Tensor]:
+    """The first prompt pair at inference: the SRM's highest- and lowest-scoring positions.
+
+    Arguments:
+      out (SRMOutput): logits (B, 1, h, w).
+
+    Returns:
+      (Tensor): (B, 2) long (row, col) of the positive point (argmax).
+      (Tensor): (B, 2) long (row, col) of the negative point (argmin).
+    """
+    logits = out.logits[:, 0]
+    w = logits.shape[-1]
+    flat = logits.flatten(1)
+    pos, neg = flat.argmax(1), flat.argmin(1)
+    return torch.stack([pos // w, pos % w], dim=1), torch.stack([neg // w, neg % w], dim=1)
