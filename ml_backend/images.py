@@ -175,7 +175,11 @@ class GuardedSession(requests.Session):
             )
         chunks: list[bytes] = []
         total = 0
-        for chunk in response.iter_content(_CHUNK):
+        raw = response.raw
+        read1 = getattr(raw, "read1", None)
+        # read1 returns what has arrived (<= _CHUNK), so the deadline is checked even on a slow drip.
+        stream = iter(lambda: read1(_CHUNK, decode_content=True), b"") if read1 else response.iter_content(_CHUNK)
+        for chunk in stream:
             total += len(chunk)
             if total > self.max_bytes:
                 raise ImageTooLargeError(

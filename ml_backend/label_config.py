@@ -12,8 +12,8 @@ Text prompt of a target, first match wins:
    as documentation), e.g. ``<Label value="Shadow" hint="dark shadow on the ground"/>``;
 3. the label value itself (``Shadow``).
 
-A ``<Label>`` with an ``alias`` is matched by its value or its alias when annotations are read; predictions use
-the value.
+A ``<Label value="Glass" alias="G">`` appears in results as its alias (``G``), as Label Studio stores it; its
+prompt defaults to the value (``Glass``), and results naming either are accepted when annotations are read.
 """
 
 from __future__ import annotations
@@ -34,11 +34,14 @@ MASK_CONTROL_TYPES: tuple[MaskControlType, ...] = ("BrushLabels", "PolygonLabels
 
 @dataclass(frozen=True)
 class Target:
-    """One label of the mask control: what to segment and the text prompt that describes it."""
+    """One label of the mask control: what to segment and the text prompt that describes it.
+
+    ``label`` is the name in results (the alias when the <Label> has one), ``value`` the <Label>'s value.
+    """
 
     label: str
     prompt: str
-    alias: str | None = None
+    value: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class LabelConfig:
     def target_for(self, label: str) -> Target | None:
         """The target a result label (value or alias) refers to, if any."""
         for target in self.targets:
-            if label in (target.label, target.alias):
+            if label in (target.label, target.value):
                 return target
         return None
 
@@ -183,7 +186,7 @@ def _targets(control: Any, overrides: Mapping[str, str]) -> tuple[Target, ...]:
         label_tag = attrs.get(label)
         tag_attrs: Mapping[str, Any] = getattr(label_tag, "attr", None) or {}
         hint = str(tag_attrs.get("hint") or "").strip()
-        alias = str(tag_attrs.get("alias") or "").strip() or None
-        prompt = overrides.get(label) or hint or label
-        targets.append(Target(label=label, prompt=prompt, alias=alias))
+        value = str(tag_attrs.get("value") or label).strip()
+        prompt = overrides.get(label) or overrides.get(value) or hint or value
+        targets.append(Target(label=label, prompt=prompt, value=value))
     return tuple(targets)
