@@ -139,6 +139,7 @@ class GuardedSession(requests.Session):
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.guard_error: ImageFetchError | None = None
+        self.http_failures: list[str] = []
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         """Every request, redirects included, is checked against the host policy first."""
@@ -156,6 +157,8 @@ class GuardedSession(requests.Session):
         kwargs["timeout"] = self.timeout_s
         deadline = time.monotonic() + self.timeout_s
         response = super().request(method, url, *args, **kwargs)
+        if not response.ok:
+            self.http_failures.append(f"HTTP {response.status_code} from {_strip_query(response.url)}")
         if response.ok:
             try:
                 response._content = self._read_capped(response, deadline)
@@ -261,9 +264,8 @@ class ImageFetcher:
             # The SDK re-raises the first HTTP error when its fallback fails; prefer the guard's reason.
             if session.guard_error is not None:
                 raise session.guard_error from exc
-            raise ImageUnreachableError(
-                f"Could not download image {source!r}: {type(exc).__name__}: {_safe(exc, access)}"
-            ) from exc
+            detail = "; ".join(session.http_failures) or f"{type(exc).__name__}: {_safe(exc, access)}"
+            raise ImageUnreachableError(f"Could not download image {source!r}: {detail}") from exc
         finally:
             session.close()
         return self.check_file(source, path)
@@ -296,14 +298,16 @@ def read_image_header(path: str | os.PathLike[str], max_pixels: int, source: str
                         f"Image {source!r} is {width}x{height} = {width * height} pixels, above "
                         f"IMAGE_MAX_PIXELS={max_pixels}; downscale it or raise the limit."
                     )
-                orientation = image.getexif().get(0x0112, 1)
                 fmt = image.format or "unknown"
-                image.verify()
+                image.verify()  # chunk structure and checksums, without decoding pixels
+            with Image.open(path) as image:
+                orientation = image.getexif().get(0x0112, 1)
     except ImageTooLargeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(
-            f"Image {source!r} has too many pixels to decode safely ({exc}); downscale it."
+            f"Image {source!r} has too many pixels to decode safely (above IMAGE_MAX_PIXELS={max_pixels} and "
+            f"PIL's bomb guard: {exc}); downscale it."
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise NotAnImageError(f"{source!r} is not an image PIL can read ({type(exc).__name__}).") from exc
@@ -321,6 +325,12 @@ def load_image(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
             image.load()
             oriented = ImageOps.exif_transpose(image)
             return oriented.convert("RGB")
+
+
+def _strip_query(url: str) -> str:
+    """URL without its query (presigned URLs carry signatures there)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def _safe(exc: BaseException, access: LabelStudioAccess) -> str:
