@@ -98,11 +98,13 @@ class ClipPreset:
     pretrained: str | None
     vv_blocks: int
     model_cfg: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    quick_gelu: bool | None = None
 
 
 CLIP_PRESETS: dict[str, ClipPreset] = {
     # CLIP Surgery's default: OpenAI ViT-B/16, surgery on the last 6 of 12 blocks.
-    "vit_b16": ClipPreset("ViT-B-16", "openai", vv_blocks=6),
+    # QuickGELU also when the OpenAI weights come from a local file (the tag sets it by itself).
+    "vit_b16": ClipPreset("ViT-B-16", "openai", vv_blocks=6, quick_gelu=True),
     # Half of the blocks, as for ViT-B/16 (2 of 4).
     "tiny": ClipPreset("ViT-B-16", None, vv_blocks=2, model_cfg=TINY_CLIP_CONFIG),
 }
@@ -122,6 +124,7 @@ def load_open_clip(
     device: str | torch.device = "cpu",
     model_cfg: dict[str, Any] | None = None,
     seed: int = 0,
+    quick_gelu: bool | None = None,
 ) -> nn.Module:
     """Build an open_clip CLIP model and load its weights.
 
@@ -133,6 +136,8 @@ def load_open_clip(
       device (str or torch.device): where the model lives.
       model_cfg (dict or None): open_clip config overrides (see ``TINY_CLIP_CONFIG``).
       seed (int): seed of the random initialisation (only meaningful for weights not loaded from a file).
+      quick_gelu (bool or None): use QuickGELU activations (what OpenAI-trained weights need); ``None``
+        follows the pretrained tag (``True`` for ``"openai"``) or else the architecture's config.
 
     Returns:
       (nn.Module): the ``open_clip.CLIP`` model in eval mode with gradients disabled.
@@ -173,6 +178,8 @@ def load_open_clip(
                 f"Unknown pretrained tag {value!r} for open_clip model {model_name!r} and no such file. "
                 f"Known tags: {', '.join(tags) or 'none'}. Or pass a local weights file path."
             )
+    if quick_gelu is not None:
+        kwargs["quick_gelu"] = quick_gelu
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -294,6 +301,8 @@ class ClipSurgery:
         {}.", ...) and average, as CLIP Surgery does (the empty text too); ``False`` encodes the raw text.
       model_cfg (dict or None): open_clip config overrides (used by the ``"tiny"`` preset).
       seed (int): seed of the random initialisation when weights are not loaded.
+      quick_gelu (bool or None): QuickGELU activations; ``None`` follows the tag / config (see
+        ``load_open_clip``). Pass ``True`` for OpenAI weights loaded from a local file.
       cache_size (int): number of (image, text) patch-grid maps kept in the LRU cache.
       batch_size (int): images per forward pass in ``similarity_maps``.
     """
@@ -309,6 +318,7 @@ class ClipSurgery:
         prompt_ensemble: bool = True,
         model_cfg: dict[str, Any] | None = None,
         seed: int = 0,
+        quick_gelu: bool | None = None,
         cache_size: int = 1024,
         batch_size: int = 16,
     ) -> None:
@@ -317,7 +327,9 @@ class ClipSurgery:
         self.device = torch.device(device)
         self.model_name = model_name
         self.pretrained = None if pretrained is None else str(pretrained)
-        self.model = load_open_clip(model_name, pretrained, self.device, model_cfg=model_cfg, seed=seed)
+        self.model = load_open_clip(
+            model_name, pretrained, self.device, model_cfg=model_cfg, seed=seed, quick_gelu=quick_gelu
+        )
         visual = self.model.visual
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
             raise ClipSurgeryError(
@@ -381,6 +393,7 @@ class ClipSurgery:
             "pretrained": preset.pretrained,
             "vv_blocks": preset.vv_blocks,
             "model_cfg": preset.model_cfg,
+            "quick_gelu": preset.quick_gelu,
         }
         args.update(kwargs)
         return cls(**args)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from alignsam.clip_surgery import (
+    CLIP_PRESETS,
     TINY_CLIP_CONFIG,
     ClipImageError,
     ClipSurgery,
@@ -71,6 +72,13 @@ def test_tiny_preset_is_the_real_open_clip_vit(clip: ClipSurgery):
     assert clip.grid_size == (14, 14)
     assert clip.embed_dim == TINY_CLIP_CONFIG["embed_dim"]
     assert not any(p.requires_grad for p in clip.model.parameters())
+    assert isinstance(clip.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+def test_quick_gelu_follows_preset_or_argument():
+    assert CLIP_PRESETS["vit_b16"].quick_gelu  # OpenAI weights need QuickGELU, also from a local file
+    act = ClipSurgery.from_preset("tiny", quick_gelu=False).model.visual.transformer.resblocks[0].mlp.gelu
+    assert isinstance(act, torch.nn.GELU)
 
 
 def test_vv_blocks_clamped_to_depth():
