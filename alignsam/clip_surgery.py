@@ -55,6 +55,7 @@ __all__ = [
     "ClipSurgery",
     "ClipSurgeryError",
     "ClipWeightsError",
+    "load_open_clip",
     "time_similarity_map",
 ]
 
