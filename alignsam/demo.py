@@ -2,9 +2,9 @@
 
 1. The perception half on the bundled sample image: the CLIP-Surgery map of a text and SAM's mask
    from one click, written as PNGs.
-2. The learning half on a synthetic task (the offline benchmark's "semantic" family: every yellow
-   circle): train an agent + SRM on the train split, then segment held-out images with no clicks,
-   writing masks, overlays (green positive / red negative prompt points) and the metrics.
+2. The learning half on a synthetic task (the offline benchmark's "saliency" family: the one object
+   that stands out): train an agent + SRM on the train split, then segment held-out images with no
+   clicks, writing masks, overlays (green positive / red negative prompt points) and the metrics.
 
 SAM is the bundled small checkpoint trained on synthetic scenes when present (random weights
 otherwise, said loudly); CLIP is the tiny random preset, because no real weights can be fetched.
@@ -49,7 +49,7 @@ def learning(out: Path, device: str, quick: bool) -> dict:
     from alignsam.synthetic import make_split
     from alignsam.train import TrainConfig, train
 
-    family = "semantic"
+    family = "saliency"
     n_train, n_test = (16, 8) if quick else (50, 24)
     train_scenes = make_split(family, "train", n_train)
     test_scenes = make_split(family, "test", n_test)
