@@ -246,7 +246,6 @@ class ImageFetcher:
             max_bytes=self.settings.image_max_bytes,
             max_redirects=self.settings.image_max_redirects,
         )
-        session.max_redirects = self.settings.image_max_redirects
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         try:
             with http_session(session):
