@@ -149,7 +149,8 @@ class PromptAgent(nn.Module):
         """
         if embedding.shape[1] != self.embed_dim:
             raise ValueError(f"embedding has {embedding.shape[1]} channels, agent expects {self.embed_dim}")
-        prev_mask = prev_mask.to(embedding.dtype)
+        dtype = self.trunk[0].weight.dtype  # e.g. float16 cached embeddings, float32 agent
+        embedding, prev_mask = embedding.to(dtype), prev_mask.to(dtype)
         state = torch.cat([embedding * prev_mask, prev_mask], dim=1)
         return F.adaptive_avg_pool2d(state, self.grid)
 

@@ -280,7 +280,7 @@ def _pool_states(
     for start in range(0, image_index.shape[0], chunk):
         index = image_index[start : start + chunk].to(embeddings.device)
         embedding = embeddings[index].to(device)
-        mask = prev_mask[start : start + chunk].to(device=device, dtype=embedding.dtype)
+        mask = prev_mask[start : start + chunk].to(device)
         pooled.append(agent.pool_state(embedding, mask))
     return torch.cat(pooled)
 

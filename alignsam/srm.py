@@ -173,7 +173,8 @@ class SRM(nn.Module):
     def _pool_product(self, embedding: Tensor, attention_map: Tensor) -> Tensor:
         if embedding.shape[1] != self.embed_dim:
             raise ValueError(f"embedding has {embedding.shape[1]} channels, SRM expects {self.embed_dim}")
-        attention_map = attention_map.to(embedding.dtype)
+        dtype = self.mask_head.weight.dtype  # e.g. float16 cached embeddings, float32 SRM
+        embedding, attention_map = embedding.to(dtype), attention_map.to(dtype)
         if attention_map.shape[-2:] != embedding.shape[-2:]:
             raise ValueError(
                 f"map of size {tuple(attention_map.shape[-2:])} does not match the embedding grid "

@@ -149,3 +149,13 @@ def test_act_never_repeats_an_action_within_an_episode() -> None:
     greedy, _, _ = agent.act(embedding, prev_mask, torch.zeros(4, 9), deterministic=True)
     logits, _ = agent(embedding, prev_mask, torch.zeros(4, 9))
     assert torch.equal(greedy, logits.argmax(dim=1))
+
+
+def test_float16_embeddings_and_masks_are_accepted() -> None:
+    torch.manual_seed(0)
+    agent = PromptAgent(8, grid=(4, 4), hidden=8)
+    embedding, prev_mask, history = _inputs(2, 8, 16, 16)
+    full = agent(embedding, prev_mask, history)
+    half = agent(embedding.half(), prev_mask.half(), history.bool())
+    assert half[0].dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=1e-2, atol=1e-2)

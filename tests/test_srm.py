@@ -174,3 +174,13 @@ def test_label_points_reads_the_logit_at_x_y() -> None:
     assert labels.tolist() == [[1, 0, 0]] and labels.dtype == torch.long
     with pytest.raises(ValueError, match="grid"):
         label_points(out, torch.tensor([[[5, 0]]]))
+
+
+def test_float16_embeddings_are_accepted() -> None:
+    torch.manual_seed(0)
+    srm = SRM(8, "explicit", hidden=16)
+    embedding, prev_prob, clip_map = _inputs(2, 8, 16)
+    full = srm(embedding, prev_prob, clip_map)
+    half = srm(embedding.half(), prev_prob.half(), clip_map.half())
+    assert half.logits.dtype == torch.float32
+    torch.testing.assert_close(half.logits, full.logits, rtol=1e-2, atol=1e-2)
