@@ -32,7 +32,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """Reads an image file as HxWx3 uint8 RGB; raises :class:`ImageError` naming the file."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot read image {path}: {exc}") from exc
 
