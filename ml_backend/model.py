@@ -193,10 +193,17 @@ class AlignSAMModel:
     def _fetch_images(self, tasks: Sequence[Any], config: LabelConfig) -> list[FetchedImage | None]:
         access = self.access()
         fetcher = self.services.fetcher
+        budget = self.services.settings.predict_fetch_budget_s
+        deadline = time.monotonic() + budget
 
         def fetch_one(task: Any) -> FetchedImage | None:
             task_id = task.get("id") if isinstance(task, Mapping) else None
             try:
+                if time.monotonic() > deadline:
+                    raise ImageFetchError(
+                        f"Skipped: fetching this request's images took over PREDICT_FETCH_BUDGET_S={budget} s; "
+                        "send fewer tasks per request or check the image hosts."
+                    )
                 if not isinstance(task, Mapping):
                     raise ImageFetchError(f"A task must be a JSON object, got {type(task).__name__}.")
                 source = image_url_of(task, config.image_key)

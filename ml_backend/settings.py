@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     image_download_timeout_s: float = Field(default=15.0, gt=0, description="Connect+read timeout per image.")
     image_max_redirects: int = Field(default=3, ge=0, description="Redirects followed per image download.")
     image_fetch_workers: int = Field(default=4, ge=1, description="Parallel image downloads per /predict.")
+    predict_fetch_budget_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Time /predict may spend fetching images (Label Studio gives up at 100 s); later tasks get "
+        "empty predictions.",
+    )
 
     # --- Predictions and training -------------------------------------------------------------------------
     model_version_prefix: str = Field(default="alignsam", description="Prefix of every model_version.")

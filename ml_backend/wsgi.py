@@ -1,4 +1,6 @@
-"""gunicorn entry point: ``gunicorn -b 0.0.0.0:${PORT:-9090} ml_backend.wsgi:app``.
+"""gunicorn entry point: ``gunicorn -c python:ml_backend.gunicorn_conf ml_backend.wsgi:app``.
+
+Use that config (it binds ``$PORT`` and lets the master own the embedded Redis when REDIS_URL is unset).
 
 ``python -m ml_backend.wsgi`` runs Flask's development server on ``PORT`` instead (local use only).
 """

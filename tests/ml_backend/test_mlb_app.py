@@ -463,3 +463,16 @@ def test_tokens_never_leave_the_backend(
         bodies.append(send(client, "predict_retrieve", body).get_data(as_text=True))
     for text in [*bodies, caplog.text]:
         assert SECRET_TOKEN not in text and api_key not in text
+
+
+def test_fetch_budget_gives_late_tasks_empty_predictions(
+    make_app: Callable[..., Flask], make_settings: Callable[..., Settings], image_server: ImageServer
+) -> None:
+    settings = make_settings(predict_fetch_budget_s=0.3, image_fetch_workers=1, allowed_image_hosts=["127.0.0.1"])
+    client = make_app(settings, predictor=mask_predictor).test_client()
+    setup_project(client)
+    body = fixture_body("predict_retrieve")
+    body["tasks"][0]["data"]["image"] = f"{image_server.url}/public/slow.png"  # ~0.5 s with 5 s timeout
+    results = send(client, "predict_retrieve", body).get_json()["results"]
+    assert len(results) == 2
+    assert results[1] == {"result": [], "score": 0, "model_version": UNTRAINED}
