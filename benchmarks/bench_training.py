@@ -1,0 +1,104 @@
+"""Training wall time, split into SAM encoding, CLIP, rollouts, PPO updates and SRM updates.
+
+The floor is the SAM work the algorithm cannot avoid: each image encoded once, plus E x N x (T+1)
+batched decoder calls (the initial pair and T actions per episode). Everything else (agent and SRM
+forward/backward, PPO and SRM updates, bookkeeping, validation) is the overhead; the target is
+overhead <= 50% of the floor. A run may use fewer samples and episodes than the paper's N=50, E=50:
+every part scales linearly in N x E (encoding in N), so the script extrapolates, and says so.
+
+    python -m benchmarks.bench_training --preset small --branch implicit
+    python -m benchmarks.bench_training --preset vit_b --samples 8 --episodes 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from alignsam.data import Sample
+from alignsam.ppo import PPOConfig
+from alignsam.sam import FrozenSam
+from alignsam.synthetic import make_split
+from alignsam.train import TrainConfig, train
+from benchmarks.common import RESULTS, write_results
+
+PAPER_N, PAPER_E = 50, 50
+
+
+def run(preset: str, branch: str, samples: int, episodes: int, device: str, clip_preset: str) -> dict[str, float]:
+    sam = FrozenSam.from_preset(preset, device=device)
+    clip = None
+    if branch == "explicit":
+        from alignsam.clip_surgery import ClipSurgery
+
+        clip = ClipSurgery.from_preset(clip_preset, device=device, pretrained=None)
+    scenes = make_split("saliency", "train", samples)
+    data = [Sample(s.image, s.mask, s.text, f"s{i}") for i, s in enumerate(scenes)]
+    cfg = TrainConfig(ppo=PPOConfig(episodes=episodes), branch=branch)  # paper's T=15, K=20
+    t0 = time.perf_counter()
+    res = train(sam, data, cfg, clip=clip)
+    wall = time.perf_counter() - t0
+    t = res.timings
+    n_train = len(res.policy.train_names)
+    scale_rollout = (PAPER_N * PAPER_E) / (n_train * episodes)
+    ex = {
+        "sam_encoding": t.sam_encoding * PAPER_N / samples,
+        "clip": t.clip * PAPER_N / samples,
+        "rollout_decode": t.rollout_decode * scale_rollout,
+        "rollout_other": t.rollout_other * scale_rollout,
+        "srm_updates": t.srm_updates * scale_rollout,
+        "ppo_updates": t.ppo_updates * scale_rollout,
+        "validation": t.validation * PAPER_N / samples,
+    }
+    floor = ex["sam_encoding"] + ex["rollout_decode"]
+    overhead = ex["rollout_other"] + ex["srm_updates"] + ex["ppo_updates"] + ex["validation"]
+    return {
+        "measured_wall_s": wall,
+        "measured_samples": samples,
+        "measured_train_samples": n_train,
+        "measured_episodes": episodes,
+        **{f"measured_{k}_s": v for k, v in vars(t).items()},
+        **{f"paper_{k}_s": v for k, v in ex.items()},
+        "paper_floor_s": floor,
+        "paper_overhead_s": overhead,
+        "paper_total_s": floor + overhead + ex["clip"],
+        "overhead_over_floor": overhead / floor,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", nargs="+", default=["small"])
+    ap.add_argument("--branch", nargs="+", default=["implicit", "explicit"])
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--episodes", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--clip-preset", default="tiny", help="CLIP for the explicit branch (random weights)")
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args()
+    results: dict[str, object] = {"device": args.device, "paper_N": PAPER_N, "paper_E": PAPER_E,
+                                  "note": "measured on a reduced run, extrapolated linearly to N=50, E=50"}
+    rows = []
+    for preset in args.preset:
+        for branch in args.branch:
+            r = run(preset, branch, args.samples, args.episodes, args.device, args.clip_preset)
+            results[f"{preset}/{branch}"] = r
+            print(f"[{preset}/{branch}] " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()), flush=True)
+            rows.append((
+                preset, branch, f"{r['measured_samples']}x{r['measured_episodes']}",
+                f"{r['paper_sam_encoding_s']:.0f}", f"{r['paper_clip_s']:.0f}", f"{r['paper_rollout_decode_s']:.0f}",
+                f"{r['paper_rollout_other_s']:.0f}", f"{r['paper_ppo_updates_s']:.0f}", f"{r['paper_srm_updates_s']:.0f}",
+                f"{r['paper_validation_s']:.0f}", f"{r['paper_total_s']:.0f}", f"{100 * r['overhead_over_floor']:.0f}%",
+            ))
+    name = args.name or f"training_{args.device}"
+    path = write_results(name, results, rows, (
+        "preset", "SRM branch", "measured N x E", "SAM encoding s", "CLIP s", "rollout decode s", "rollout other s",
+        "PPO updates s", "SRM updates s", "validation s", "total s (N=50,E=50)", "overhead / floor",
+    ), RESULTS)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
