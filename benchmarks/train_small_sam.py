@@ -1,0 +1,441 @@
+"""Trains the ``small`` SAM preset from scratch on synthetic scenes, class-agnostically.
+
+SAM's role in AlignSAM is fixed (frozen), but real SAM weights cannot be downloaded on the
+development and CI machines, and random weights give meaningless masks. This script teaches the
+small preset (``alignsam.sam.SAM_PRESETS['small']``: 256 px, ViT embed 128, depth 6, ~2.3 M
+parameters) to answer point prompts on scenes of :mod:`alignsam.synthetic`: every prompt asks for
+one promptable region of a scene (an object, a blurred region, a shadow, a mirror).
+
+Training, per step (like SAM's interactive training, scaled down):
+
+- ``batch_images`` scenes from the SAM-training seed range (``>= SAM_SEED_START``, disjoint from
+  every benchmark split), ``regions_per_image`` regions each (non-object regions favoured);
+- round 1: one positive click in the region (its interior-most point or a random interior
+  pixel), sometimes a few extra positive / negative clicks;
+- rounds 2..R: one more click from the error region of the previous (detached) prediction,
+  positive on missed foreground, negative on a false positive, with the previous low-res logits
+  fed back as ``mask_input`` for half of the prompts;
+- loss per round: BCE + Dice on the single-mask output at full resolution, the best of the three
+  multimask outputs on round 1, and MSE of the IoU head against the actual IoU of every output.
+
+AdamW with linear warmup and a cosine decay over the time budget. Scenes are drawn on the fly
+in one DataLoader worker. The model is validated every ``--eval-every`` minutes (single interior
+click, mean IoU over region kinds on held-out seeds); the best weights are written to ``--out``
+in the official SAM state-dict format, and the full training state (for ``--resume``) to
+``--state``.
+
+Reproduce the committed ``alignsam/assets/sam_small.pth``:
+
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --minutes 65 --threads 1 \\
+        --out alignsam/assets/sam_small.pth
+
+(the exact command(s) of the committed run, with their timing, are in ``benchmarks/results/small_sam.md``).
+One torch thread on purpose: on a shared 2-core machine a niced 2-thread run stalls at every
+parallel op waiting for the thread that lost its core; the data worker uses the other core.
+The schedule is wall-clock based, so the number of steps (and the result) depends on the CPU
+time the machine grants; the seeds fix the data and the initialisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from alignsam.sam import build_sam, get_spec, predict_masks_batched, save_checkpoint
+from alignsam.synthetic import (
+    FAMILIES,
+    REGION_KINDS,
+    SAM_SEED_START,
+    erode,
+    interior_point,
+    make_scene,
+)
+
+VAL_SEED_START = 500_000
+"""Seeds of the in-training validation scenes (disjoint from train/test splits and SAM training)."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters (defaults: the committed run)."""
+
+    preset: str = "small"
+    batch_images: int = 12
+    regions_per_image: int = 2
+    lr: float = 8e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 40
+    grad_clip: float = 1.0
+    rounds: int = 2  # 1 initial prompt + (rounds - 1) corrective clicks
+    extra_click_prob: float = 0.25  # round 1: add 1-3 extra random clicks
+    centre_click_prob: float = 0.5  # round 1: the interior-most point instead of a random interior pixel
+    mask_input_prob: float = 0.3  # rounds >= 2: feed previous low-res logits
+    non_object_weight: float = 3.0  # region sampling weight of blur/shadow/mirror vs objects
+    family_weights: tuple[float, ...] = (0.15, 0.15, 0.25, 0.25, 0.2)  # FAMILIES order
+    max_points: int = 5  # round-1 points incl. padding
+    loss_size: int = 128  # resolution of the single-mask loss (multimask outputs: the logits' own 64)
+    val_scenes_per_family: int = 12
+
+
+# ---------------------------------------------------------------------------------------- data
+def _random_pixel(rng: np.random.Generator, mask: np.ndarray) -> tuple[int, int] | None:
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    i = int(rng.integers(len(ys)))
+    return int(xs[i]), int(ys[i])
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    out = mask
+    for _ in range(steps):
+        out = ~erode(~out)
+    return out
+
+
+def first_clicks(rng: np.random.Generator, region: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Round-1 prompt for one region: ``[P, 2]`` (x, y) points and ``[P]`` labels (-1 = padding)."""
+    pts = np.zeros((cfg.max_points, 2), np.float32)
+    labels = np.full(cfg.max_points, -1, np.int64)
+    if rng.uniform() < cfg.centre_click_prob:
+        p = interior_point(region)
+    else:
+        inner = erode(erode(region))
+        p = _random_pixel(rng, inner if inner.any() else region)
+    pts[0], labels[0] = p, 1
+    if rng.uniform() < cfg.extra_click_prob:
+        n_pos = int(rng.integers(0, 2))
+        n_neg = int(rng.integers(1 if n_pos == 0 else 0, 3))
+        k = 1
+        for _ in range(n_pos):
+            q = _random_pixel(rng, region)
+            if q is not None and k < cfg.max_points:
+                pts[k], labels[k] = q, 1
+                k += 1
+        ring = _dilate(region, int(rng.integers(3, 20))) & ~region
+        for _ in range(n_neg):
+            q = _random_pixel(rng, ring if ring.any() and rng.uniform() < 0.7 else ~region)
+            if q is not None and k < cfg.max_points:
+                pts[k], labels[k] = q, 0
+                k += 1
+    pts += 0.5  # pixel centres
+    return pts, labels
+
+
+class SceneBatches(IterableDataset):
+    """Endless batches of SAM-training samples, drawn on the fly (deterministic per seed offset)."""
+
+    def __init__(self, cfg: TrainConfig, seed_offset: int, rng_seed: int) -> None:
+        self.cfg = cfg
+        self.seed_offset = seed_offset
+        self.rng_seed = rng_seed
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        cfg = self.cfg
+        rng = np.random.default_rng([self.rng_seed, worker, self.seed_offset])
+        weights = np.array(cfg.family_weights) / sum(cfg.family_weights)
+        scene_seed = SAM_SEED_START + self.seed_offset + worker * 50_000_000
+        while True:
+            images, masks, kinds, img_idx, points, labels = [], [], [], [], [], []
+            for b in range(cfg.batch_images):
+                family = FAMILIES[int(rng.choice(len(FAMILIES), p=weights))]
+                scene = make_scene(family, scene_seed)
+                scene_seed += 1
+                images.append(scene.image)
+                w = np.array([1.0 if k == "object" else cfg.non_object_weight for k in scene.region_kinds])
+                k = min(cfg.regions_per_image, len(scene.regions))
+                chosen = list(rng.choice(len(scene.regions), size=k, replace=False, p=w / w.sum()))
+                while len(chosen) < cfg.regions_per_image:
+                    chosen.append(chosen[int(rng.integers(len(chosen)))])
+                for r in chosen:
+                    region = scene.regions[r]
+                    p, lab = first_clicks(rng, region, cfg)
+                    masks.append(region)
+                    kinds.append(REGION_KINDS.index(scene.region_kinds[r]))
+                    img_idx.append(b)
+                    points.append(p)
+                    labels.append(lab)
+            yield {
+                "images": torch.from_numpy(np.stack(images)),
+                "masks": torch.from_numpy(np.stack(masks)),
+                "kinds": torch.tensor(kinds),
+                "img_idx": torch.tensor(img_idx),
+                "points": torch.from_numpy(np.stack(points)),
+                "labels": torch.from_numpy(np.stack(labels)),
+            }
+
+
+# ---------------------------------------------------------------------------------------- model
+def preprocess(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W, 3]`` uint8 -> normalised ``[B, 3, H, W]`` (images already at SAM's input size)."""
+    x = images.permute(0, 3, 1, 2).float()
+    return (x - model.pixel_mean) / model.pixel_std
+
+
+def decode(
+    model: torch.nn.Module,
+    emb: torch.Tensor,
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    mask_input: torch.Tensor | None = None,
+    use_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt encoder + batched decoder: ``[N, C, h, w]`` embeddings, one prompt set each.
+
+    ``mask_input`` ``[N, 1, 4h, 4w]`` is used only where ``use_mask`` ``[N]`` is True (the rest get
+    SAM's learned no-mask embedding). Returns logits ``[N, 4, 4h, 4w]`` and IoU ``[N, 4]``.
+    """
+    pe = model.prompt_encoder
+    sparse, dense = pe(points=(points, labels), boxes=None, masks=mask_input)
+    if mask_input is not None and use_mask is not None:
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
+        dense = torch.where(use_mask[:, None, None, None], dense, no_mask)
+    return predict_masks_batched(model.mask_decoder, emb, pe.get_dense_pe(), sparse, dense)
+
+
+def seg_losses(logits: torch.Tensor, target: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample BCE + Dice ``[N, K]`` and actual IoU ``[N, K]`` of logits ``[N, K, h, w]``."""
+    up = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
+    t = target[:, None].float()
+    if t.shape[-1] != size:
+        t = F.interpolate(t, (size, size), mode="area")
+    t = t.expand_as(up)
+    bce = F.binary_cross_entropy_with_logits(up, t, reduction="none").mean(dim=(2, 3))
+    p = torch.sigmoid(up)
+    inter = (p * t).sum(dim=(2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum(dim=(2, 3)) + t.sum(dim=(2, 3)) + 1)
+    with torch.no_grad():
+        hard = up > 0
+        tb = t > 0.5
+        i = (hard & tb).sum(dim=(2, 3)).float()
+        u = (hard | tb).sum(dim=(2, 3)).float()
+        iou = torch.where(u > 0, i / u.clamp(min=1), torch.ones_like(u))
+    return bce + dice, iou
+
+
+def error_clicks(logits: torch.Tensor, target: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One corrective click per sample from the larger error type of ``logits`` ``[N, h, w]``.
+
+    Samples a pixel of the false-negative (label 1) or false-positive (label 0) area, preferring its
+    interior (a 5x5-eroded version when non-empty). Returns points ``[N, 1, 2]`` and labels ``[N, 1]``.
+    """
+    size = target.shape[-1]
+    pred = F.interpolate(logits[:, None], (size, size), mode="bilinear", align_corners=False)[:, 0] > 0
+    fn = target & ~pred
+    fp = pred & ~target
+    pos = fn.sum(dim=(1, 2)) >= fp.sum(dim=(1, 2))
+    err = torch.where(pos[:, None, None], fn, fp)
+    eroded = -F.max_pool2d(-err[:, None].float(), 5, stride=1, padding=2)[:, 0] > 0.5
+    use = torch.where(eroded.flatten(1).any(1)[:, None, None], eroded, err).flatten(1).float()
+    empty = use.sum(1) == 0
+    use[empty] = target.flatten(1)[empty].float()  # a perfect prediction: click the target again
+    use[use.sum(1) == 0] = 1.0
+    idx = torch.multinomial(use, 1, generator=gen)[:, 0]
+    xy = torch.stack([idx % size, idx // size], dim=1).float() + 0.5
+    label = torch.where(pos | empty, 1, 0)
+    return xy[:, None], label[:, None]
+
+
+# ---------------------------------------------------------------------------------------- validation
+def validation_set(cfg: TrainConfig) -> list[tuple[np.ndarray, list[np.ndarray], list[str], list[tuple[int, int]]]]:
+    """Held-out scenes (seeds from :data:`VAL_SEED_START`) with every region's interior-most point."""
+    out = []
+    for f, family in enumerate(FAMILIES):
+        for i in range(cfg.val_scenes_per_family):
+            s = make_scene(family, VAL_SEED_START + 1000 * f + i)
+            out.append((s.image, s.regions, s.region_kinds, [interior_point(r) for r in s.regions]))
+    return out
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, val: list, batch: int = 16) -> dict[str, float]:
+    """Single interior click mIoU per region kind, and their mean (``score``)."""
+    model.eval()
+    ious: dict[str, list[float]] = {k: [] for k in REGION_KINDS}
+    for start in range(0, len(val), batch):
+        chunk = val[start : start + batch]
+        emb = model.image_encoder(preprocess(model, torch.from_numpy(np.stack([c[0] for c in chunk]))))
+        e, pts, masks, kinds = [], [], [], []
+        for j, (_, regions, rkinds, centres) in enumerate(chunk):
+            for r, k, c in zip(regions, rkinds, centres, strict=True):
+                e.append(j)
+                pts.append(c)
+                masks.append(r)
+                kinds.append(k)
+        points = torch.tensor(pts, dtype=torch.float32)[:, None] + 0.5
+        labels = torch.ones(len(pts), 1, dtype=torch.long)
+        logits, _ = decode(model, emb[torch.tensor(e)], points, labels)
+        _, iou = seg_losses(logits[:, :1], torch.from_numpy(np.stack(masks)), 256)
+        for k, v in zip(kinds, iou[:, 0].tolist(), strict=True):
+            ious[k].append(v)
+    model.train()
+    res = {k: float(np.mean(v)) for k, v in ious.items() if v}
+    res["score"] = float(np.mean(list(res.values())))
+    return res
+
+
+# ---------------------------------------------------------------------------------------- training
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine to ``min_lr`` over the time budget."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train_step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch over ``cfg.rounds`` interactive rounds, and logging scalars."""
+    emb = model.image_encoder(preprocess(model, batch["images"]))[batch["img_idx"]]
+    target = batch["masks"]
+    points, labels = batch["points"], batch["labels"]
+    total = torch.zeros(())
+    logs: dict[str, float] = {}
+    mask_input = None
+    use_mask = None
+    for r in range(cfg.rounds):
+        logits, iou_pred = decode(model, emb, points, labels, mask_input, use_mask)
+        per, iou = seg_losses(logits[:, :1], target, cfg.loss_size)
+        loss = per[:, 0].mean() + F.mse_loss(iou_pred[:, 0], iou[:, 0])
+        if r == 0:  # SAM's ambiguity-aware loss: only the best of the three multimask outputs
+            per_m, iou_m = seg_losses(logits[:, 1:], target, logits.shape[-1])
+            loss = loss + per_m.min(dim=1).values.mean() + F.mse_loss(iou_pred[:, 1:], iou_m)
+        total = total + loss
+        logs[f"iou_r{r}"] = float(iou[:, 0].mean())
+        if r + 1 < cfg.rounds:
+            with torch.no_grad():
+                new_pt, new_lab = error_clicks(logits[:, 0].detach(), target, gen)
+            points = torch.cat([points, new_pt], dim=1)
+            labels = torch.cat([labels, new_lab], dim=1)
+            mask_input = logits[:, :1].detach()
+            use_mask = torch.rand(len(target), generator=gen) < cfg.mask_input_prob
+    total = total / cfg.rounds
+    logs["loss"] = float(total.detach())
+    return total, logs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=70.0, help="wall-clock training budget")
+    parser.add_argument("--out", default="alignsam/assets/sam_small.pth", help="best weights (SAM state dict)")
+    parser.add_argument("--state", default="/tmp/train_small_sam_state.pt", help="full training state, for --resume")
+    parser.add_argument("--resume", default=None, help="continue from a --state file (new cosine schedule)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig.lr)")
+    parser.add_argument("--eval-every", type=float, default=10.0, help="minutes between validations")
+    parser.add_argument("--batch-images", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = TrainConfig()
+    if args.lr is not None:
+        cfg.lr = args.lr
+    if args.batch_images is not None:
+        cfg.batch_images = args.batch_images
+    model = build_sam(get_spec(cfg.preset), seed=args.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.999),
+    )
+    step, scenes_seen, trained_s, best = 0, 0, 0.0, -1.0
+    history: list[dict[str, float]] = []
+    if args.resume:
+        st = torch.load(args.resume, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, scenes_seen, trained_s = st["step"], st["scenes_seen"], st["trained_s"]
+        best, history = st.get("best", -1.0), st.get("history", [])
+        cfg.warmup_steps = step + 50  # a short re-warmup into the new cosine
+        print(f"resumed from {args.resume}: step {step}, {scenes_seen} scenes, {trained_s / 60:.1f} min", flush=True)
+    print(json.dumps({"config": asdict(cfg), "args": vars(args)}), flush=True)
+
+    val = validation_set(cfg)
+    data = DataLoader(
+        SceneBatches(cfg, seed_offset=scenes_seen + 7_919 * args.seed, rng_seed=args.seed + 17 * (step + 1)),
+        batch_size=None, num_workers=1, prefetch_factor=4, persistent_workers=True,
+    )
+    gen = torch.Generator().manual_seed(args.seed + step)
+    budget = args.minutes * 60.0
+    start_step = step
+    t0 = time.time()
+    last_eval = t0
+    last_log = t0
+    running: dict[str, float] = {}
+
+    def checkpoint(final: bool = False) -> None:
+        nonlocal best, last_eval
+        res = validate(model, val)
+        elapsed = time.time() - t0
+        res.update(step=step, minutes=(trained_s + elapsed) / 60.0, scenes=scenes_seen)
+        history.append(res)
+        improved = res["score"] > best
+        if improved:
+            best = res["score"]
+            sha = save_checkpoint(model, args.out)
+        state = {
+            "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "scenes_seen": scenes_seen,
+            "trained_s": trained_s + elapsed, "best": best, "history": history, "config": asdict(cfg),
+        }
+        torch.save(state, args.state)
+        print(
+            f"[val] step {step} {res['minutes']:.1f} min " + " ".join(f"{k}={res[k]:.3f}" for k in REGION_KINDS if k in res)
+            + f" score={res['score']:.3f}" + (f" -> saved {args.out} ({sha[:12]})" if improved else "")
+            + (" (final)" if final else ""),
+            flush=True,
+        )
+        last_eval = time.time()
+
+    for batch in data:
+        now = time.time()
+        progress = (now - t0) / budget
+        if progress >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step, progress)
+        loss, logs = train_step(model, batch, cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        scenes_seen += cfg.batch_images
+        for k, v in logs.items():
+            running[k] = 0.9 * running.get(k, v) + 0.1 * v
+        if time.time() - last_log > 60 or step - start_step in (1, 5, 20):
+            rate = (step - start_step) / (time.time() - t0)
+            print(
+                f"step {step} {(time.time() - t0) / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} "
+                + " ".join(f"{k}={v:.3f}" for k, v in running.items()) + f" ({rate:.2f} steps/s)",
+                flush=True,
+            )
+            last_log = time.time()
+        if time.time() - last_eval > args.eval_every * 60:
+            checkpoint()
+    checkpoint(final=True)
+    total_min = (time.time() - t0) / 60.0
+    print(f"done: {step - start_step} steps in {total_min:.1f} min this run; best score {best:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
