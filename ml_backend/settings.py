@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Configuration of ``ml_backend`` (no model is loaded in this process)."""
 
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True)
 
     # --- Label Studio -------------------------------------------------------------------------------------
     label_studio_url: str | None = Field(
@@ -75,10 +75,85 @@ class Settings(BaseSettings):
         default=1.0, ge=0, description="Douglas-Peucker tolerance (pixels) of predicted polygons; 0 = exact."
     )
     polygon_min_area_px: float = Field(default=4.0, ge=0, description="Predicted polygons below this are dropped.")
-    min_annotations_to_train: int = Field(
-        default=50, ge=1, description="Labelled tasks needed before training starts automatically."
+    train_min_tasks: int = Field(
+        default=50,
+        ge=1,
+        validation_alias=AliasChoices("train_min_tasks", "min_annotations_to_train"),
+        description="Labelled tasks needed before training starts automatically (once, for a project with no "
+        "policy). MIN_ANNOTATIONS_TO_TRAIN is read as an older name.",
     )
     webhook_events_kept: int = Field(default=200, ge=0, description="Recent webhook events kept per project.")
+
+    # --- Queue (Redis/RQ) -----------------------------------------------------------------------------------
+    use_queue: bool = Field(
+        default=True,
+        description="gunicorn/wsgi: hand /predict and training to RQ workers (off: empty predictions, training "
+        "requests only recorded).",
+    )
+    predict_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long /predict waits for the workers after fetching images; late tasks get an empty "
+        "prediction (model_version <version>-pending), stay queued, and are answered from the cache next time. "
+        "Keep PREDICT_FETCH_BUDGET_S + PREDICT_WAIT_S well under Label Studio's 100 s.",
+    )
+    predict_job_timeout_s: int = Field(default=600, gt=0, description="RQ timeout of one predict job.")
+    predict_cache_ttl_s: int = Field(
+        default=7 * 24 * 3600, gt=0, description="How long a task's prediction stays cached in Redis."
+    )
+    train_job_timeout_s: int = Field(default=24 * 3600, gt=0, description="RQ timeout of one training job.")
+    job_heartbeat_ttl_s: int = Field(
+        default=30,
+        ge=2,
+        description="Workers beat every third of this while a job runs; a job whose worker stopped beating "
+        "this long (killed, OOM) is marked failed.",
+    )
+    prelabel_job_timeout_s: int = Field(default=24 * 3600, gt=0, description="RQ timeout of one prelabel job.")
+    zero_shot: bool = Field(
+        default=True,
+        description="Before a label has a trained policy, predict it zero-shot (CLIP-Surgery map of the label "
+        "text -> most / least similar point -> SAM), reported as model_version <prefix>-zeroshot. Off: nothing.",
+    )
+    prelabel_after_training: bool = Field(
+        default=True, description="Queue a prelabel job for the project after a new policy is activated."
+    )
+    prelabel_batch_size: int = Field(default=20, ge=1, description="Predictions sent to Label Studio per call.")
+
+    # --- Workers (alignsam-worker) --------------------------------------------------------------------------
+    sam_preset: str = Field(
+        default="small",
+        description="SAM preset: vit_b | vit_l | vit_h (real checkpoints) | small | tiny (plumbing only).",
+    )
+    sam_checkpoint: Path | None = Field(
+        default=None,
+        description="SAM checkpoint file. Unset: the bundled small checkpoint for `small`, else random weights "
+        "(with a loud warning: masks are for trying the plumbing only).",
+    )
+    clip_preset: str = Field(
+        default="tiny", description="CLIP-Surgery model: vit_b16 (OpenAI ViT-B/16) | tiny (random) | none."
+    )
+    clip_pretrained: str | None = Field(
+        default=None, description="open_clip pretrained tag or local weights file for CLIP_PRESET."
+    )
+    device: str = Field(default="auto", description="Worker device: auto (cuda when available) | cpu | cuda.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads per worker process (unset: torch's default)."
+    )
+    train_episodes: int | None = Field(default=None, ge=1, description="PPO episodes E (unset: paper's 50).")
+    train_steps: int | None = Field(default=None, ge=1, description="Prompting steps T (unset: paper's 15).")
+    train_epochs: int | None = Field(default=None, ge=1, description="PPO epochs K (unset: paper's 20).")
+    train_branch: str = Field(default="auto", description="SRM branch: auto (chosen by validation) | implicit | "
+                              "explicit.")
+    train_val_fraction: float = Field(default=0.2, ge=0, lt=1, description="Labelled tasks held out to validate.")
+    train_min_label_examples: int = Field(
+        default=5, ge=1, description="A label gets a policy only with at least this many annotated images."
+    )
+    train_max_samples: int = Field(default=200, ge=1, description="Most labelled tasks one training run reads.")
+    ls_api_retries: int = Field(default=4, ge=0, description="Retries of a failed Label Studio API call.")
+    ls_api_backoff_s: float = Field(
+        default=1.0, ge=0, description="First retry delay for Label Studio API calls (doubles each retry)."
+    )
+    ls_api_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one Label Studio API call.")
 
     @field_validator("allowed_image_hosts", mode="before")
     @classmethod
@@ -99,6 +174,25 @@ class Settings(BaseSettings):
                 f"LABEL_STUDIO_URL must be a full URL such as http://label-studio:8080, got {value!r}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_predict_budget(self) -> Settings:
+        if self.predict_fetch_budget_s + self.predict_wait_s >= 100:
+            raise ValueError(
+                f"PREDICT_FETCH_BUDGET_S ({self.predict_fetch_budget_s}) + PREDICT_WAIT_S ({self.predict_wait_s}) "
+                "must stay below Label Studio's 100 s predict timeout."
+            )
+        return self
+
+    @property
+    def policy_dir(self) -> Path:
+        """Versioned policy bundles: ``<policy_dir>/<project>/<label>/<version>.pt``."""
+        return self.model_dir / "policies"
+
+    @property
+    def embedding_cache_dir(self) -> Path:
+        """SAM image embeddings shared by the workers of one machine (or volume)."""
+        return self.model_dir / "embeddings"
 
     @property
     def basic_auth_enabled(self) -> bool:

@@ -70,8 +70,9 @@ class ProjectStore:
     """Typed access to the Redis keys above."""
 
     def __init__(self, redis: Redis, prefix: str = "alignsam", version_prefix: str = "alignsam",
-                 events_kept: int = 200) -> None:
+                 events_kept: int = 200, untrained: str = UNTRAINED) -> None:
         self.redis = redis
+        self.untrained = untrained
         self.prefix = prefix
         self.version_prefix = version_prefix
         self.events_kept = events_kept
@@ -217,10 +218,11 @@ class ProjectStore:
         return _text_map(self.redis.hgetall(self._key(pid, "policies")))
 
     def model_version(self, pid: int) -> str:
-        """``<prefix>-untrained`` until a policy is active, then a short hash of the active policy versions."""
+        """``<prefix>-untrained`` (``<prefix>-zeroshot`` with zero-shot predictions) until a policy is active,
+        then ``<prefix>-`` and a short hash of the active policy versions."""
         policies = self.policy_versions(pid)
         if not policies:
-            return f"{self.version_prefix}-{UNTRAINED}"
+            return f"{self.version_prefix}-{self.untrained}"
         digest = hashlib.sha256(json.dumps(sorted(policies.items())).encode()).hexdigest()[:10]
         return f"{self.version_prefix}-{digest}"
 

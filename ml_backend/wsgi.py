@@ -17,7 +17,7 @@ logging.basicConfig(
     level=settings.log_level.upper(),
     format="%(asctime)s %(levelname)s %(name)s: %(message)s",
 )
-app = create_app(settings)
+app = create_app(settings, queue=settings.use_queue)
 
 if __name__ == "__main__":
     app.run(host="0.0.0.0", port=settings.port)

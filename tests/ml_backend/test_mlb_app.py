@@ -366,14 +366,14 @@ def test_enough_labelled_tasks_request_training_once(
         tickets.append(request)
         return TrainingTicket(job_id="auto", status="queued")
 
-    client = make_app(make_settings(min_annotations_to_train=2), training_trigger=trigger).test_client()
+    client = make_app(make_settings(train_min_tasks=2), training_trigger=trigger).test_client()
     body = fixture_body("webhook_annotation_created")
     assert "training" not in send(client, "webhook_annotation_created", body).get_json()
     body["annotation"] = {**body["annotation"], "id": 7, "task": 2}
     assert send(client, "webhook_annotation_created", body).get_json()["training"]["job_id"] == "auto"
     body["annotation"] = {**body["annotation"], "id": 8, "task": 3}
     assert "training" not in send(client, "webhook_annotation_created", body).get_json()
-    assert len(tickets) == 1 and "MIN_ANNOTATIONS_TO_TRAIN" in tickets[0].reason
+    assert len(tickets) == 1 and "TRAIN_MIN_TASKS" in tickets[0].reason
 
 
 def test_unknown_event(client: FlaskClient) -> None:

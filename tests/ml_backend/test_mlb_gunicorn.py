@@ -64,7 +64,8 @@ def test_gunicorn_serves_and_stops_its_embedded_redis(tmp_path: Path) -> None:
                 assert master.poll() is None and time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
                 time.sleep(0.2)
         assert health == {"status": "UP", "model_class": "AlignSAM"}
-        assert _get(f"http://127.0.0.1:{port}/versions")["versions"] == ["alignsam-untrained"]
+        # ZERO_SHOT is on by default: before training, predictions are zero-shot and say so.
+        assert _get(f"http://127.0.0.1:{port}/versions")["versions"] == ["alignsam-zeroshot"]
         servers = _redis_servers_in(tmp_path)
         assert len(servers) == 1, "one embedded Redis server, shared by the workers"
         time.sleep(0.5)  # let both workers boot and connect

@@ -1,0 +1,347 @@
+"""The web side of the queue: RQ-backed :class:`~ml_backend.seams.Predictor` and ``TrainingTrigger``.
+
+No torch here: jobs are enqueued by dotted name (``workers.jobs.predict_task`` ...), with plain JSON-able
+arguments, so any ``alignsam-worker`` on any machine pointed at the same Redis can run them.
+
+Queues: ``predict`` (latency-sensitive, one job per task), ``train`` (one job per project at a time),
+``prelabel`` (bulk). Extra Redis keys (``P = REDIS_KEY_PREFIX``):
+
+==========================================  ==========================================================
+``P:pred:<pid>:<task>:<image>:<version>``   a task's finished prediction (JSON), per image content hash,
+                                            model version and config hash; ``PREDICT_CACHE_TTL_S``
+``P:predjob:<same digest>``                 id of the predict job computing that entry (while queued)
+``P:project:<pid>:train-job``               id of the project's latest training job (queued or follow-up)
+==========================================  ==========================================================
+
+Prediction path: a ``/predict`` answers every task whose prediction is cached at once, enqueues one job per
+missing task (or joins the job already computing it), and waits on the jobs' RQ result streams (one blocking
+``XREAD`` over all of them) until ``PREDICT_WAIT_S``. Tasks still running then get an empty prediction whose
+``model_version`` ends in ``-pending``: Label Studio stores it under that other version, so the next request for
+the task (opening it, "Retrieve predictions") asks again and is answered from the cache.
+
+Training: at most one training job per project is queued or running. A trigger while one is queued joins it (the
+job reads the annotations when it starts); a trigger while one runs queues one follow-up job that depends on it
+(RQ ``Dependency(allow_failure=True)``), and further triggers join that follow-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.dependency import Dependency
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.results import Result
+
+from ml_backend.formats import empty_prediction
+from ml_backend.seams import (
+    PredictionRequest,
+    PredictorUnavailableError,
+    TrainingRequest,
+    TrainingTicket,
+)
+from ml_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PREDICT_QUEUE = "predict"
+TRAIN_QUEUE = "train"
+PRELABEL_QUEUE = "prelabel"
+QUEUES = (PREDICT_QUEUE, TRAIN_QUEUE, PRELABEL_QUEUE)
+
+PREDICT_JOB = "workers.jobs.predict_task"
+TRAIN_JOB = "workers.jobs.train_project"
+PRELABEL_JOB = "workers.jobs.prelabel_project"
+
+ZERO_SHOT = "zeroshot"
+PENDING_SUFFIX = "-pending"
+WAITING_STATUSES = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
+ALIVE_STATUSES = (*WAITING_STATUSES, JobStatus.STARTED)
+
+
+def file_digest(path: str) -> str:
+    """Content hash of an image file (the cache key must change when the image does)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
+def prediction_cache_key(prefix: str, project_id: int, task_id: Any, image_digest: str, model_version: str,
+                         config_hash: str) -> str:
+    """Redis key of one task's cached prediction."""
+    return f"{prefix}:pred:{project_id}:{task_id}:{image_digest}:{model_version}:{config_hash}"
+
+
+def job_status(job: Job) -> str | None:
+    """The job's status word, or None when it expired."""
+    try:
+        status = job.get_status(refresh=True)
+    except (NoSuchJobError, Exception):  # InvalidJobOperation when the hash expired
+        return None
+    return None if status is None else str(status.value if hasattr(status, "value") else status)
+
+
+def fetch_job(redis: Redis, job_id: str | None) -> Job | None:
+    if not job_id:
+        return None
+    try:
+        return Job.fetch(job_id, connection=redis)
+    except NoSuchJobError:
+        return None
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------------------
+class QueuePredictor:
+    """``/predict`` through the ``predict`` queue: one job per task, cached per (task, image, version)."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.queue = Queue(PREDICT_QUEUE, connection=redis)
+        self.prefix = settings.redis_key_prefix
+
+    def __call__(self, request: PredictionRequest) -> list[dict[str, Any] | None]:
+        try:
+            return self._predict(request)
+        except RedisError as exc:
+            raise PredictorUnavailableError(
+                f"Redis is unreachable ({type(exc).__name__}); predictions resume when it is back."
+            ) from exc
+
+    def _predict(self, request: PredictionRequest) -> list[dict[str, Any] | None]:
+        s = self.settings
+        version = request.model_version
+        config_hash = request.config.config_hash or "-"
+        keys = []
+        for task, image in zip(request.tasks, request.images, strict=True):
+            keys.append(prediction_cache_key(self.prefix, request.project_id, task.get("id"),
+                                             file_digest(image.path), version, config_hash))
+        answers: list[dict[str, Any] | None] = [None] * len(keys)
+        self._fill_from_cache(keys, answers)
+        missing = [i for i, a in enumerate(answers) if a is None]
+        self._count("predict_cache_hits", len(keys) - len(missing))
+        if not missing:
+            return answers
+        jobs = self._jobs_for(request, keys, missing)
+        self._wait(jobs, time.monotonic() + s.predict_wait_s)
+        self._fill_from_cache(keys, answers)
+        late = 0
+        for i, job in zip(missing, jobs, strict=True):
+            if answers[i] is not None:
+                continue
+            status = job_status(job)
+            if status == JobStatus.FAILED.value:
+                reason = _last_line(job)
+                logger.warning("project %s task %s: predict job %s failed: %s", request.project_id,
+                               request.tasks[i].get("id"), job.id, reason)
+                answers[i] = empty_prediction(version)
+            else:
+                late += 1
+                answers[i] = empty_prediction(version + PENDING_SUFFIX)
+        if late:
+            logger.info("project %s: %d of %d tasks not ready after PREDICT_WAIT_S=%s s; answered as pending",
+                        request.project_id, late, len(keys), s.predict_wait_s)
+            self._count("predict_late_tasks", late)
+        return answers
+
+    def _fill_from_cache(self, keys: Sequence[str], answers: list[dict[str, Any] | None]) -> None:
+        todo = [i for i, a in enumerate(answers) if a is None]
+        if not todo:
+            return
+        values = self.redis.mget([keys[i] for i in todo])
+        for i, raw in zip(todo, values, strict=True):
+            if raw is not None:
+                answers[i] = json.loads(raw)
+
+    def _jobs_for(self, request: PredictionRequest, keys: Sequence[str], missing: Sequence[int]) -> list[Job]:
+        """The job computing each missing task: an existing live one, or a new one (enqueued in one pipeline)."""
+        s = self.settings
+        marker_keys = [f"{self.prefix}:predjob:{hashlib.sha256(keys[i].encode()).hexdigest()[:24]}" for i in missing]
+        known = self.redis.mget(marker_keys)
+        jobs: list[Job | None] = []
+        for job_id in known:
+            job = fetch_job(self.redis, _text(job_id))
+            jobs.append(job if job is not None and job_status(job) in {st.value for st in ALIVE_STATUSES} else None)
+        new: list[Any] = []
+        new_index: list[int] = []
+        config = request.config.to_json()
+        for n, i in enumerate(missing):
+            if jobs[n] is not None:
+                continue
+            task = request.tasks[i]
+            job_id = f"predict-{request.project_id}-{task.get('id')}-{uuid.uuid4().hex[:12]}"
+            new.append(Queue.prepare_data(
+                PREDICT_JOB,
+                kwargs={
+                    "project_id": request.project_id,
+                    "task": {"id": task.get("id"), "data": dict(task.get("data") or {})},
+                    "image": request.images[i].to_json(),
+                    "config": config,
+                    "model_version": request.model_version,
+                    "policy_versions": dict(request.policy_versions),
+                    "cache_key": keys[i],
+                },
+                timeout=s.predict_job_timeout_s,
+                result_ttl=600,
+                failure_ttl=24 * 3600,
+                ttl=max(s.predict_cache_ttl_s, 3600),
+                job_id=job_id,
+                description=f"predict project {request.project_id} task {task.get('id')}",
+            ))
+            new_index.append(n)
+        if new:
+            with self.redis.pipeline() as pipe:
+                created = self.queue.enqueue_many(new, pipeline=pipe)
+                for n, job in zip(new_index, created, strict=True):
+                    pipe.set(marker_keys[n], job.id, ex=max(s.predict_job_timeout_s * 2, 3600))
+                pipe.execute()
+            for n, job in zip(new_index, created, strict=True):
+                jobs[n] = job
+            self._count("predict_jobs_enqueued", len(new))
+        return [j for j in jobs if j is not None]
+
+    def _wait(self, jobs: Sequence[Job], deadline: float) -> None:
+        """Block on the jobs' RQ result streams until all have a result or the deadline passes."""
+        pending = {Result.get_key(job.id) for job in jobs}
+        while pending:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return
+            response = self.redis.xread({key: "0-0" for key in pending}, block=left_ms)
+            if not response:
+                return
+            for stream, _entries in response:
+                pending.discard(_text(stream))
+
+    def _count(self, counter: str, by: int) -> None:
+        if by:
+            self.redis.hincrby(f"{self.prefix}:metrics", counter, by)
+
+
+def _last_line(job: Job) -> str:
+    try:
+        result = job.latest_result()
+        text = (result.exc_string if result is not None else None) or ""
+    except Exception:  # the result may have expired
+        text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown reason"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+class QueueTrainingTrigger:
+    """START_TRAINING / the TRAIN_MIN_TASKS threshold -> at most one training job per project (+ one follow-up)."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.queue = Queue(TRAIN_QUEUE, connection=redis)
+        self.prefix = settings.redis_key_prefix
+
+    def current_key(self, project_id: int) -> str:
+        return f"{self.prefix}:project:{project_id}:train-job"
+
+    def __call__(self, request: TrainingRequest) -> TrainingTicket:
+        pid = request.project_id
+        reap_abandoned(self.redis, [TRAIN_QUEUE])
+        lock = self.redis.lock(f"{self.prefix}:project:{pid}:train-lock", timeout=10, blocking_timeout=0.8)
+        if not lock.acquire():
+            # Another trigger for this project is being handled right now: it decides for both.
+            current = _text(self.redis.get(self.current_key(pid))) or "unknown"
+            return TrainingTicket(job_id=current, status="coalesced")
+        try:
+            current = fetch_job(self.redis, _text(self.redis.get(self.current_key(pid))))
+            status = job_status(current) if current is not None else None
+            if current is not None and status in {st.value for st in WAITING_STATUSES}:
+                return TrainingTicket(job_id=current.id, status="coalesced")
+            depends_on = None
+            if current is not None and status == JobStatus.STARTED.value:
+                depends_on = Dependency(jobs=[current], allow_failure=True)
+            job = self.queue.enqueue_call(
+                TRAIN_JOB,
+                kwargs={"project_id": pid, "reason": request.reason, "requested_at": request.requested_at},
+                timeout=self.settings.train_job_timeout_s,
+                result_ttl=30 * 24 * 3600,
+                failure_ttl=30 * 24 * 3600,
+                job_id=f"train-{pid}-{uuid.uuid4().hex[:12]}",
+                description=f"train project {pid}: {request.reason}",
+                depends_on=depends_on,
+            )
+            self.redis.set(self.current_key(pid), job.id)
+            return TrainingTicket(job_id=job.id, status="follow-up" if depends_on is not None else "queued")
+        finally:
+            try:
+                lock.release()
+            except Exception:  # expired lock: nothing to release
+                logger.debug("training lock for project %s had expired", pid)
+
+
+def enqueue_prelabel(redis: Redis, settings: Settings, project_id: int, model_version: str) -> Job:
+    """Queue (once per project and model version) the job that pre-labels the project's unlabelled tasks."""
+    job_id = f"prelabel-{project_id}-{model_version}"
+    existing = fetch_job(redis, job_id)
+    if existing is not None and job_status(existing) in {st.value for st in ALIVE_STATUSES}:
+        return existing
+    return Queue(PRELABEL_QUEUE, connection=redis).enqueue_call(
+        PRELABEL_JOB,
+        kwargs={"project_id": project_id, "model_version": model_version},
+        timeout=settings.prelabel_job_timeout_s,
+        result_ttl=30 * 24 * 3600,
+        failure_ttl=30 * 24 * 3600,
+        job_id=job_id,
+        description=f"prelabel project {project_id} with {model_version}",
+    )
+
+
+def reap_abandoned(redis: Redis, queue_names: Sequence[str] = QUEUES) -> None:
+    """Move jobs whose worker stopped heartbeating (killed mid-job) to the failed registry.
+
+    Workers refresh a short heartbeat while a job runs (``JOB_HEARTBEAT_TTL_S``); RQ's cleanup fails the jobs
+    whose heartbeat expired and releases their dependents (a follow-up training run). Cheap; safe to call often.
+    """
+    for name in queue_names:
+        try:
+            StartedJobRegistry(name, connection=redis).cleanup()
+        except RedisError:
+            logger.warning("could not reap abandoned %s jobs", name, exc_info=True)
+
+
+def job_summary(redis: Redis, job_id: str | None) -> dict[str, Any] | None:
+    """A job's status, progress meta and failure reason, for ``GET /status/<project>``."""
+    reap_abandoned(redis, QUEUES)
+    job = fetch_job(redis, job_id)
+    if job is None:
+        return None
+    summary: dict[str, Any] = {
+        "id": job.id,
+        "status": job_status(job),
+        "enqueued_at": job.enqueued_at.isoformat() if job.enqueued_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "ended_at": job.ended_at.isoformat() if job.ended_at else None,
+        "progress": dict(job.get_meta(refresh=True)) if isinstance(job.meta, Mapping) else {},
+    }
+    if summary["status"] == JobStatus.FAILED.value:
+        summary["failure"] = _last_line(job)
+    return summary
