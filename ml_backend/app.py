@@ -51,7 +51,7 @@ from ml_backend.model import (
     AlignSAMModel,
     BackendServices,
 )
-from ml_backend.queue import ZERO_SHOT, QueuePredictor, QueueTrainingTrigger, job_summary
+from ml_backend.queue import ZERO_SHOT, QueuePredictor, QueueTrainingTrigger, training_jobs
 from ml_backend.redis_conn import close_redis, connect_redis
 from ml_backend.seams import Predictor, TrainingTrigger, record_training_request, untrained_predictor
 from ml_backend.settings import Settings, get_settings
@@ -267,11 +267,11 @@ def _register_routes(app: Flask, services: BackendServices) -> None:
         state = store.status(project_id)
         if state is None:
             return jsonify(status="error", message=f"Project {project_id} is unknown here; connect it first."), 404
-        job_id = state["training"].get("job_id")
-        if job_id and job_id.startswith("train-"):
-            # The job's own view: status (failed when a worker died), progress meta, failure reason.
-            state["training_job"] = job_summary(store.redis, job_id)
-            current = store.redis.get(f"{settings.redis_key_prefix}:project:{project_id}:train-job")
-            if current and (current.decode() if isinstance(current, bytes) else current) != job_id:
-                state["training_followup_job"] = job_summary(store.redis, current)
+        jobs = training_jobs(store.redis, settings.redis_key_prefix, project_id)
+        if jobs:
+            # The jobs' own view: status (failed when a worker died), progress meta, failure reason. The one
+            # shown first is the newest that started (a queued follow-up waits behind it).
+            started = [j for j in jobs if j["status"] not in ("queued", "deferred", "scheduled")]
+            state["training_job"] = started[0] if started else jobs[0]
+            state["training_jobs"] = jobs
         return jsonify(state)

@@ -37,9 +37,8 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.dependency import Dependency
 from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Dependency, Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.results import Result
 
@@ -263,6 +262,9 @@ class QueueTrainingTrigger:
     def current_key(self, project_id: int) -> str:
         return f"{self.prefix}:project:{project_id}:train-job"
 
+    def history_key(self, project_id: int) -> str:
+        return train_history_key(self.prefix, project_id)
+
     def __call__(self, request: TrainingRequest) -> TrainingTicket:
         pid = request.project_id
         reap_abandoned(self.redis, [TRAIN_QUEUE])
@@ -289,7 +291,11 @@ class QueueTrainingTrigger:
                 description=f"train project {pid}: {request.reason}",
                 depends_on=depends_on,
             )
-            self.redis.set(self.current_key(pid), job.id)
+            with self.redis.pipeline() as pipe:
+                pipe.set(self.current_key(pid), job.id)
+                pipe.lpush(self.history_key(pid), job.id)
+                pipe.ltrim(self.history_key(pid), 0, 9)
+                pipe.execute()
             return TrainingTicket(job_id=job.id, status="follow-up" if depends_on is not None else "queued")
         finally:
             try:
@@ -315,6 +321,18 @@ def enqueue_prelabel(redis: Redis, settings: Settings, project_id: int, model_ve
     )
 
 
+def train_history_key(prefix: str, project_id: int) -> str:
+    """Redis list of the project's last 10 training job ids, newest first."""
+    return f"{prefix}:project:{project_id}:train-jobs"
+
+
+def training_jobs(redis: Redis, prefix: str, project_id: int) -> list[dict[str, Any]]:
+    """Summaries of the project's recent training jobs, newest first (reaps abandoned jobs first)."""
+    reap_abandoned(redis, QUEUES)
+    ids = [_text(v) for v in redis.lrange(train_history_key(prefix, project_id), 0, -1)]
+    return [s for s in (job_summary(redis, i, reap=False) for i in ids) if s is not None]
+
+
 def reap_abandoned(redis: Redis, queue_names: Sequence[str] = QUEUES) -> None:
     """Move jobs whose worker stopped heartbeating (killed mid-job) to the failed registry.
 
@@ -328,9 +346,10 @@ def reap_abandoned(redis: Redis, queue_names: Sequence[str] = QUEUES) -> None:
             logger.warning("could not reap abandoned %s jobs", name, exc_info=True)
 
 
-def job_summary(redis: Redis, job_id: str | None) -> dict[str, Any] | None:
+def job_summary(redis: Redis, job_id: str | None, reap: bool = True) -> dict[str, Any] | None:
     """A job's status, progress meta and failure reason, for ``GET /status/<project>``."""
-    reap_abandoned(redis, QUEUES)
+    if reap:
+        reap_abandoned(redis, QUEUES)
     job = fetch_job(redis, job_id)
     if job is None:
         return None

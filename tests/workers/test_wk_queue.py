@@ -132,13 +132,13 @@ def test_start_training_twice_makes_one_job_that_activates_a_policy(
         assert state["training_job"]["progress"]["stage"] == "done"
         assert "val_miou" in state["training_job"]["progress"]["progress"]
         assert state["model_version"] != "alignsam-zeroshot"
-        assert client.post("/setup", json={"project": f"{project_id}.1", "schema": LABEL_CONFIG}).get_json()[
-            "model_version"] == state["model_version"]
+        assert setup_project(client, project_id, ls) == state["model_version"]  # what Label Studio shows
         # Nothing changed since that training set: a new trigger runs a job that skips.
         again = start_training(client, project_id)
         assert again["training_status"] == "queued"
         job2 = Job.fetch(again["job_id"], connection=redis)
         wait_for(lambda: job2.get_status(refresh=True).value in ("finished", "failed"), 60, "the second job")
+        assert job2.get_status().value == "finished", job2.latest_result().exc_string
         assert job2.return_value()["status"] == "skipped"
         assert store.policy_versions(project_id) == {"Shape": version}
     finally:
