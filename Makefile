@@ -15,9 +15,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# Runs the product on its embedded default (small SAM preset, bundled sample image).
+# Runs the product on its embedded default: embedded Redis (or REDIS_URL), one worker (small SAM preset unless
+# SAM_PRESET/SAM_CHECKPOINT are set) and the backend on port 9090, until Ctrl-C. The offline method demo is
+# `.venv/bin/alignsam demo --out run/demo`.
 run: setup
-	$(VENV)/bin/alignsam demo --out run/demo
+	$(VENV)/bin/alignsam-run
 
 # The whole suite, slow / integration / e2e markers included (that is what CI runs).
 test: setup

@@ -110,6 +110,7 @@ def predict_task(
     cache_key: str,
 ) -> dict[str, Any]:
     """Predict one task and cache the Label Studio prediction under ``cache_key`` (read by ``/predict``)."""
+    t0 = time.perf_counter()
     m = models()
     settings = m.settings
     _job, conn = _connection()
@@ -119,7 +120,8 @@ def predict_task(
     label_masks = predict_labels(m, array, project_id, cfg, policy_versions, settings.zero_shot)
     prediction = prediction_for(settings, label_masks, cfg, model_version)
     conn.set(cache_key, json.dumps(prediction), ex=settings.predict_cache_ttl_s)
-    return {"task": task.get("id"), "regions": len(prediction["result"]), "score": prediction["score"]}
+    return {"task": task.get("id"), "regions": len(prediction["result"]), "score": prediction["score"],
+            "compute_s": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------------------

