@@ -126,7 +126,7 @@ def main() -> int:
         url = f"unix://{server.socket_file}"
         conn = Redis.from_url(url)
         try:
-            settings = Settings(redis_url=url, model_dir=root / "models", predict_wait_s=60)
+            settings = Settings(redis_url=url, model_dir=root / "models", predict_wait_s=35)
             predictor = QueuePredictor(conn, settings)
             # --- overhead, one worker
             procs = start_workers(1, url, root / "models", root)
