@@ -292,7 +292,8 @@ def validate(model: torch.nn.Module, val: list, batch: int = 16) -> dict[str, fl
 
 # ---------------------------------------------------------------------------------------- training
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine to ``min_lr`` over the time budget."""
+    """Linear warmup over the first ``warmup_steps`` steps of this run, then cosine to ``min_lr``
+    over the time budget (``progress`` in [0, 1])."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -341,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: TrainConfig.lr)")
     parser.add_argument("--eval-every", type=float, default=10.0, help="minutes between validations")
     parser.add_argument("--batch-images", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="interactive rounds per step (default: TrainConfig)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -350,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg.lr = args.lr
     if args.batch_images is not None:
         cfg.batch_images = args.batch_images
+    if args.rounds is not None:
+        cfg.rounds = args.rounds
     model = build_sam(get_spec(cfg.preset), seed=args.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.load_state_dict(st["opt"])
         step, scenes_seen, trained_s = st["step"], st["scenes_seen"], st["trained_s"]
         best, history = st.get("best", -1.0), st.get("history", [])
-        cfg.warmup_steps = step + 50  # a short re-warmup into the new cosine
+        cfg.warmup_steps = 50  # a short re-warmup into the new cosine (counted from the resumed step)
         print(f"resumed from {args.resume}: step {step}, {scenes_seen} scenes, {trained_s / 60:.1f} min", flush=True)
     print(json.dumps({"config": asdict(cfg), "args": vars(args)}), flush=True)
 
@@ -412,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         if progress >= 1.0:
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step, progress)
+            g["lr"] = lr_at(cfg, step - start_step, progress)
         loss, logs = train_step(model, batch, cfg, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
