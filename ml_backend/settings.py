@@ -214,3 +214,17 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read from the environment once."""
     return Settings()
+
+
+def markdown_table() -> str:
+    """Every variable as a Markdown table (``python -m ml_backend.settings`` prints it for the README)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "" if default is None else (", ".join(default) if isinstance(default, list) else str(default))
+        rows.append(f"| `{name.upper()}` | {f'`{shown}`' if shown else '(unset)'} | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -69,3 +69,9 @@ def test_env_example_lists_every_setting() -> None:
     example = (Path(__file__).parents[2] / "deploy" / ".env.example").read_text()
     for name in Settings.model_fields:
         assert f"{name.upper()}=" in example, f"{name.upper()} missing from deploy/.env.example"
+
+
+def test_readme_lists_every_setting() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"`{name.upper()}`" in readme, f"{name.upper()} missing from README.md (python -m ml_backend.settings)"
