@@ -108,10 +108,11 @@ class ProjectStore:
         now = time.time()
         fields: dict[str, Any] = {
             "project_key": project_key,
-            "ls_url": ls_url or "",
             "extra_params": json.dumps(extra_params or {}),
             "setup_at": now,
         }
+        if ls_url:  # a /setup without `hostname` keeps the URL an earlier one gave
+            fields["ls_url"] = ls_url
         pipe = self.redis.pipeline()
         pipe.sadd(self._projects_key, pid)
         pipe.hset(self._key(pid), mapping=fields)

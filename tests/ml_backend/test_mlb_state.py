@@ -41,6 +41,9 @@ def test_setup_is_stored_and_the_token_never_shows(store: ProjectStore) -> None:
     assert "tok-xyz" not in repr(status)
     assert store.project_ids() == [2]
     assert store.status(99) is None
+    # A later /setup without `hostname` or token keeps what the first one gave.
+    store.save_setup(2, body["project"], body["schema"], config, None, None, body["extra_params"])
+    assert store.label_studio(2) == ("http://localhost:8085", "tok-xyz")
 
 
 def test_labelled_tasks_are_counted_per_task(store: ProjectStore) -> None:
