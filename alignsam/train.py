@@ -123,6 +123,7 @@ class TrainResult:
     timings: Timings
     encoder_calls: int
     clip_calls: int
+    baseline_metrics: dict[str, float] | None = None  # the ``baseline`` policy on the same validation images
 
 
 def make_srm(embed_dim: int, cfg: SRMConfig) -> SRM:
@@ -278,6 +279,7 @@ def train(
     cfg: TrainConfig | None = None,
     clip: ClipSurgery | None = None,
     callback: Callable[[Progress], None] | None = None,
+    baseline: tuple[PromptAgent, SRM, TrainConfig] | None = None,
 ) -> TrainResult:
     """Trains AlignSAM on ``samples`` and returns the policy that validates best.
 
@@ -287,6 +289,8 @@ def train(
       cfg: the run's configuration.
       clip: a :class:`~alignsam.clip_surgery.ClipSurgery`; required for the explicit branch.
       callback: called with :class:`Progress` after each episode.
+      baseline: an existing policy (agent, SRM, its config) to validate on the same held-out images,
+        so a caller can keep whichever is better on equal terms.
     """
     cfg = cfg or TrainConfig()
     if not samples:
@@ -330,8 +334,18 @@ def train(
         if best is None or metrics["miou"] > best.val_metrics["miou"]:
             best = TrainedPolicy(agent, srm, branch, cfg, metrics, [samples[i].name for i in train_idx], hist)
     assert best is not None
+    baseline_metrics = None
+    if baseline is not None:
+        agent_b, srm_b, cfg_b = baseline
+        if srm_b.branch == "explicit" and enc.clip_maps is None:
+            if clip is None:
+                raise DataError("the baseline policy uses the explicit SRM branch: pass clip=...")
+            add_clip_maps(enc, sam, clip, [s.image for s in samples], [s.text for s in samples])
+            srm_in = SrmInputs(sam, enc)
+        with _Timer(timings, "validation", dev):
+            baseline_metrics = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, val_idx or train_idx, cfg_b)
     if callback:
         callback(Progress(stage="done", branch=best.branch, val_miou=best.val_metrics["miou"],
                           elapsed_s=time.perf_counter() - t0))
-    return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls)
+    return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics)
 

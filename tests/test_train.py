@@ -169,3 +169,13 @@ def load_bundle_from(result, sam):
 
     p = result.policy
     return Bundle(p.agent, p.srm, p.config, {"text": "bright disc", "version": "test", "branch": p.branch})
+
+
+def test_a_baseline_policy_is_validated_on_the_same_images(sam, clip, trained):
+    samples, result, _ = trained
+    p = result.policy
+    again = train(sam, samples, QUICK, clip=clip, baseline=(p.agent, p.srm, p.config))
+    # Same seed, same data: the retrained winner and the baseline see the same validation images.
+    assert again.baseline_metrics is not None
+    assert again.baseline_metrics["n"] == again.policy.val_metrics["n"]
+    assert again.baseline_metrics["miou"] == pytest.approx(p.val_metrics["miou"])

@@ -222,13 +222,19 @@ def train_project(project_id: int, reason: str = "", requested_at: float | None 
                 _meta(job, stage=p.stage, label=label, progress=progress)
                 store.set_training(project_id, stage=f"{p.stage} {label}", progress=json.dumps(progress))
 
-        result = train(m.sam, samples, cfg, clip=m.clip, callback=report)
+        old = active.get(target.label)
+        baseline = _active_policy(m, project_id, target.label, old) if old else None
+        result = train(m.sam, samples, cfg, clip=m.clip, callback=report, baseline=baseline)
         policy = result.policy
         new_miou = float(policy.val_metrics["miou"])
         final = _write_bundle(settings, project_id, target.label, target.prompt, policy, m, job_id)
         version = final.stem
-        old = active.get(target.label)
-        old_miou = bundle_miou(settings, project_id, target.label, old) if old else None
+        # The active policy, validated on the same held-out images as the new one (its own recorded
+        # validation score when it cannot be loaded, e.g. made for other SAM weights).
+        if result.baseline_metrics is not None:
+            old_miou: float | None = float(result.baseline_metrics["miou"])
+        else:
+            old_miou = bundle_miou(settings, project_id, target.label, old) if old else None
         entry = {"version": version, "val_miou": new_miou, "branch": policy.branch,
                  "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates}
         if old is None or old_miou is None or new_miou >= old_miou:
@@ -256,6 +262,16 @@ def train_project(project_id: int, reason: str = "", requested_at: float | None 
     store.set_training(project_id, status="done", stage="done", model_version=model_version,
                        activated=json.dumps(activated))
     return summary
+
+
+def _active_policy(m: Any, project_id: int, label: str, version: str) -> tuple[Any, Any, Any] | None:
+    """(agent, SRM, config) of the active policy of a label, or None when it cannot be loaded."""
+    try:
+        model = m.policy(project_id, label, version)
+    except Exception as exc:  # a missing or incompatible bundle: compare by its recorded score instead
+        logger.warning("project %s label %s: cannot load active policy %s (%s)", project_id, label, version, exc)
+        return None
+    return model.agent, model.srm, model.bundle.config
 
 
 def _write_bundle(settings: Settings, project_id: int, label: str, text: str, policy: Any, m: Any,
