@@ -24,7 +24,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--clip-model", default="ViT-B-16")
     ap.add_argument("--name", default=None, help="results file name (default: perception_<device>)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     run_perception_bench(args.presets, args.device, args.image_side, args.steps, args.repeat,
                          args.clip_model, args.name, RESULTS)
 

@@ -77,8 +77,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--clip-preset", default="tiny", help="CLIP for the explicit branch (random weights)")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results: dict[str, object] = {"device": args.device, "paper_N": PAPER_N, "paper_E": PAPER_E,
+                                  "torch_threads": torch.get_num_threads(),
                                   "note": "measured on a reduced run, extrapolated linearly to N=50, E=50"}
     rows = []
     for preset in args.preset:
