@@ -24,10 +24,13 @@ click, mean IoU over region kinds on held-out seeds); the best weights are writt
 in the official SAM state-dict format, and the full training state (for ``--resume``) to
 ``--state``.
 
-Reproduce the committed ``alignsam/assets/sam_small.pth``:
+Reproduce the committed ``alignsam/assets/sam_small.pth`` (a 65-minute run, then a 26-minute
+continuation with a fresh warmup + cosine at a lower peak learning rate):
 
     nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --minutes 65 --threads 1 \\
         --out alignsam/assets/sam_small.pth
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state.pt \\
+        --minutes 26 --threads 1 --lr 4e-4 --out alignsam/assets/sam_small.pth
 
 (the exact command(s) of the committed run, with their timing, are in ``benchmarks/results/small_sam.md``).
 One torch thread on purpose: on a shared 2-core machine a niced 2-thread run stalls at every
