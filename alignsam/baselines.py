@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from alignsam.rollout import Encoded
 from alignsam.sam import FrozenSam
-from alignsam.synthetic import _largest_component, interior_point
+from alignsam.synthetic import corrective_click
 
 
 def target_prototype(sam: FrozenSam, enc: Encoded) -> torch.Tensor:
@@ -64,13 +64,11 @@ def oracle_predict(
     probs: Sequence[torch.Tensor] = []
     for _ in range(steps):
         for i in range(b):
-            fn, fp = gts[i] & ~current[i], current[i] & ~gts[i]
-            region_fn, region_fp = _largest_component(fn), _largest_component(fp)
-            region, label = (region_fn, 1) if region_fn.sum() >= region_fp.sum() else (region_fp, 0)
-            if not region.any():  # perfect already (or empty target with empty mask): repeat a no-op click
+            click = corrective_click(current[i], gts[i])
+            if click is None:  # exact already (or empty target, empty mask): repeat a no-op click
                 clicks[i].append(clicks[i][-1] if clicks[i] else (0.0, 0.0, -1))
                 continue
-            x, y = interior_point(region)
+            (x, y), label = click
             clicks[i].append((float(x), float(y), label))
         pts = torch.tensor([[c[:2] for c in cl] for cl in clicks], dtype=torch.float32, device=sam.device)
         labels = torch.tensor([[c[2] for c in cl] for cl in clicks], device=sam.device)
