@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -165,10 +166,12 @@ def test_ablations_change_the_rollout(sam, clip, trained):
 
 
 def load_bundle_from(result, sam):
+    """A bundle of copies of the trained modules (tests may change them; the fixture is shared)."""
     from alignsam.bundle import Bundle
 
     p = result.policy
-    return Bundle(p.agent, p.srm, p.config, {"text": "bright disc", "version": "test", "branch": p.branch})
+    meta = {"text": "bright disc", "version": "test", "branch": p.branch}
+    return Bundle(copy.deepcopy(p.agent), copy.deepcopy(p.srm), p.config, meta)
 
 
 def test_a_baseline_policy_is_validated_on_the_same_images(sam, clip, trained):
