@@ -107,7 +107,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_printer(total_hint: str = ""):
+def progress_printer():
     from tqdm import tqdm
 
     bars: dict[str, tqdm] = {}
@@ -139,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     clip = load_clip(args.clip_preset, args.clip_pretrained, device) if args.branch != "implicit" else None
     cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, steps=args.steps), branch=args.branch, seed=args.seed)
     print(f"training on {len(samples)} samples of {args.prompt!r} with SAM {sam.model_id} on {device}", file=sys.stderr)
-    result = train(sam, samples, cfg, clip=clip, callback=_progress_printer())
+    result = train(sam, samples, cfg, clip=clip, callback=progress_printer())
     meta = save_bundle(result.policy, args.out, sam, args.prompt,
                        clip_model=args.clip_preset if result.policy.branch == "explicit" else None)
     print(json.dumps({"bundle": str(args.out), "version": meta["version"], "branch": meta["branch"],

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignsam.cli import ASSETS, _save_png, load_clip, load_sam, overlay
+from alignsam.cli import ASSETS, _save_png, load_clip, load_sam, overlay, progress_printer
 from alignsam.data import Sample, read_image, read_mask
 
 
@@ -59,9 +59,7 @@ def learning(out: Path, device: str, quick: bool) -> dict:
     clip = load_clip("tiny", None, device)
     cfg = TrainConfig(ppo=PPOConfig(episodes=8 if quick else 50), branch="implicit" if quick else "auto")
     t0 = time.perf_counter()
-    from alignsam.cli import _progress_printer
-
-    result = train(sam, samples, cfg, clip=clip, callback=_progress_printer())
+    result = train(sam, samples, cfg, clip=clip, callback=progress_printer())
     train_s = time.perf_counter() - t0
     bundle_path = out / f"{family}.pt"
     save_bundle(result.policy, bundle_path, sam, text, clip_model="tiny")
