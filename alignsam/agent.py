@@ -7,39 +7,42 @@ The trainer prompts SAM at the chosen cell's centre.
 
 Architecture (and why it differs from a plain "convs at the embedding resolution" network)::
 
-    [F_I * M, M]  (B, C+1, h, w)
-      -> adaptive average pool to the action grid           (B, C+1, gh, gw)   parameter-free, see below
-      -> 1x1 conv stem -> GroupNorm -> ReLU                  (B, hidden, gh, gw)
-      -> 2 x [3x3 conv -> GroupNorm -> ReLU]                 neighbouring cells see each other
-      -> policy head: 1x1 convs on [cell features, global mean features, history map] -> one logit per cell
-      -> value head: MLP on [global mean features, history] -> scalar
+    [P(F_I * M), M]  (B, r+1, h, w)           P: a fixed projection onto r of C channels (alignsam.projection)
+      -> adaptive average pool to the action grid, one token per cell   (B, A, r+1)   parameter-free, see below
+      -> stem: linear -> LayerNorm -> ReLU                                (B, A, hidden)
+      -> context block: f + ReLU(W_s f + box3x3(W_c f))                  each cell sees its 8 neighbours
+      -> policy head: ReLU(W_f f + W_g mean(f) + w_h history) -> linear  one logit per cell
+      -> value head: MLP on [mean(f), history] -> scalar
 
-* A 1x1 convolution commutes with average pooling, so pooling first and then applying the stem is exactly the
-  same function as stem-then-pool, at (h*w)/(gh*gw) ~ 40x less compute for a 64 x 64 embedding. The cost that
-  matters: PPO runs K=20 epochs of forward+backward over every stored step, and the issue caps everything that is
-  not SAM at +50% over the SAM decoder calls. Measured on one CPU thread (vit_b sizes, C=256): SAM's decoder is
-  ~220 ms per sample, this network ~1 ms forward+backward per sample at a 10 x 10 grid, while the same layers at a
-  20 x 20 resolution cost ~4.7 ms (x20 epochs ~ 40% of the budget on their own).
-* Because the pooling has no parameters, :meth:`PromptAgent.pool_state` can run once per PPO update under
-  ``no_grad`` and the K epochs reuse its output (the ``F_I * M`` product over the full embedding is the single
-  most expensive step, ~5 ms per sample).
-* GroupNorm (not BatchNorm) and no attention: every operation is per sample, so a sample's logits never depend
-  on the other samples in its batch (rollout and update see the same policy).
-* The global-mean features broadcast to every cell let a cell be scored relative to the whole image (what the
+* Cost is the design constraint. PPO runs K=20 epochs of forward+backward over every stored step, and the
+  issue caps everything that is not SAM at +50% over SAM's decoder calls, for vit_b (decoder ~220 ms per
+  sample on one CPU thread) and for the ``small`` preset (~3 ms). Measured on one CPU thread, one PPO epoch over
+  750 steps: the first design (1x1 conv stem on all 257 channels, two 3x3 convs, 64 wide) 1270 ms; this one
+  (r=32, 32 wide) ~140 ms. Three things buy that: the projection (the stem reads 33 channels, not 257); linear
+  layers over cell tokens instead of small convolutions (oneDNN convolutions on a 10 x 10 grid run at a few
+  GFLOP/s); and per-cell sums instead of concatenations (``W [a; b] = W_a a + W_b b`` without materialising
+  ``[a; b]``). ``benchmarks/results/policy_choices.md`` has what it costs in learning.
+* A linear map commutes with average pooling, so pooling the state to the action grid first and then applying
+  the stem (and the projection) is exactly the same function as stem-then-pool, at (h*w)/A less compute.
+  Because pooling and projection have no trained parameters, :meth:`PromptAgent.pool_state` runs once per PPO
+  update under ``no_grad`` and the K epochs reuse its output.
+* LayerNorm over each cell's channels, no BatchNorm and no attention across samples: a sample's logits never
+  depend on the other samples in its batch (rollout and update see the same policy).
+* The global-mean features enter every cell's logit, so a cell is scored relative to the whole image (what the
   current mask believes the target looks like), which a purely local head cannot do.
-* History: with ``use_history`` the map of already-chosen cells is an extra input channel of the policy head
-  and part of the value input (it also tells the critic how far into the episode it is). Independently,
-  :func:`masked_logits` forbids repeats outright; both are on by default and can be switched off to measure.
+* History: with ``use_history`` the map of already-chosen cells enters the policy head and the value input (it
+  also tells the critic how far into the episode it is). Independently, :func:`masked_logits` forbids repeats
+  outright; both are on by default and can be switched off to measure.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Categorical
+
+from alignsam.projection import ChannelProjection
 
 
 def masked_logits(logits: Tensor, history: Tensor) -> Tensor:
@@ -74,26 +77,25 @@ def policy_distribution(logits: Tensor, history: Tensor, mask_repeats: bool = Tr
     return Categorical(logits=logits)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(8, channels), channels)
-
-
 class PromptAgent(nn.Module):
     """Actor-critic over the prompt grid.
 
     Arguments:
       embed_dim (int): C, the channel count of SAM's image embedding.
       grid (tuple[int, int]): (grid_h, grid_w) of the action grid; A = grid_h * grid_w.
-      hidden (int): channel width of the trunk.
+      hidden (int): channel width.
       use_history (bool): feed the map of already-chosen actions to the policy and value heads.
+      state_channels (int | None): r, the embedding channels kept by the fixed projection (fit it with
+        :meth:`fit_projection`); None or >= C keeps all C channels unprojected.
     """
 
     def __init__(
         self,
         embed_dim: int,
         grid: tuple[int, int] = (10, 10),
-        hidden: int = 64,
+        hidden: int = 32,
         use_history: bool = True,
+        state_channels: int | None = 32,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -101,24 +103,20 @@ class PromptAgent(nn.Module):
         self.num_actions = self.grid[0] * self.grid[1]
         self.hidden = hidden
         self.use_history = use_history
+        self.projection = (
+            ChannelProjection(embed_dim, state_channels)
+            if state_channels is not None and state_channels < embed_dim else None
+        )
+        state_dim = (state_channels if self.projection is not None else embed_dim) + 1
 
-        self.trunk = nn.Sequential(
-            nn.Conv2d(embed_dim + 1, hidden, kernel_size=1),
-            _group_norm(hidden),
-            nn.ReLU(),
-            nn.Conv2d(hidden, hidden, kernel_size=3, padding=1),
-            _group_norm(hidden),
-            nn.ReLU(),
-            nn.Conv2d(hidden, hidden, kernel_size=3, padding=1),
-            _group_norm(hidden),
-            nn.ReLU(),
-        )
-        history_channels = 1 if use_history else 0
-        self.policy_head = nn.Sequential(
-            nn.Conv2d(2 * hidden + history_channels, hidden, kernel_size=1),
-            nn.ReLU(),
-            nn.Conv2d(hidden, 1, kernel_size=1),
-        )
+        self.stem = nn.Linear(state_dim, hidden)
+        self.stem_norm = nn.LayerNorm(hidden)
+        self.context_self = nn.Linear(hidden, hidden)
+        self.context_neighbours = nn.Linear(hidden, hidden, bias=False)
+        self.policy_cell = nn.Linear(hidden, hidden)
+        self.policy_global = nn.Linear(hidden, hidden, bias=False)
+        self.policy_history = nn.Parameter(torch.zeros(hidden)) if use_history else None
+        self.policy_out = nn.Linear(hidden, 1)
         history_features = self.num_actions if use_history else 0
         self.value_head = nn.Sequential(
             nn.Linear(hidden + history_features, hidden),
@@ -130,35 +128,45 @@ class PromptAgent(nn.Module):
     def _init_heads(self) -> None:
         # As in CleanRL: a tiny last policy layer starts the policy near uniform (explores every cell);
         # the value head starts at unit scale.
-        last_policy = self.policy_head[-1]
-        nn.init.orthogonal_(last_policy.weight, gain=0.01)
-        nn.init.zeros_(last_policy.bias)
+        nn.init.orthogonal_(self.policy_out.weight, gain=0.01)
+        nn.init.zeros_(self.policy_out.bias)
         last_value = self.value_head[-1]
         nn.init.orthogonal_(last_value.weight, gain=1.0)
         nn.init.zeros_(last_value.bias)
+        if self.policy_history is not None:
+            nn.init.normal_(self.policy_history, std=0.1)
+
+    @torch.no_grad()
+    def fit_projection(self, embeddings: Tensor, seed: int = 0) -> None:
+        """Fit the state projection to the training images' embeddings ``(N, C, h, w)`` (no-op without one)."""
+        if self.projection is not None:
+            self.projection.fit(embeddings, seed=seed)
 
     def pool_state(self, embedding: Tensor, prev_mask: Tensor) -> Tensor:
-        """Form the state ``F_I * M_{t-1}`` and average-pool it to the action grid. Has no parameters.
+        """Form the state ``F_I * M_{t-1}``, average-pool it to the action grid and project it. No trained
+        parameters.
 
         Arguments:
           embedding (Tensor): (B, C, h, w) SAM image embeddings F_I.
           prev_mask (Tensor): (B, 1, h, w) previous mask probability M_{t-1} in [0, 1].
 
         Returns:
-          (Tensor): (B, C+1, grid_h, grid_w), the pooled state with the pooled mask as its last channel.
+          (Tensor): (B, r+1, grid_h, grid_w), the pooled state with the pooled mask as its last channel.
         """
         if embedding.shape[1] != self.embed_dim:
             raise ValueError(f"embedding has {embedding.shape[1]} channels, agent expects {self.embed_dim}")
-        dtype = self.trunk[0].weight.dtype  # e.g. float16 cached embeddings, float32 agent
+        dtype = self.stem.weight.dtype  # e.g. float16 cached embeddings, float32 agent
         embedding, prev_mask = embedding.to(dtype), prev_mask.to(dtype)
-        state = torch.cat([embedding * prev_mask, prev_mask], dim=1)
-        return F.adaptive_avg_pool2d(state, self.grid)
+        pooled = F.adaptive_avg_pool2d(embedding * prev_mask, self.grid)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        return torch.cat([pooled, F.adaptive_avg_pool2d(prev_mask, self.grid)], dim=1)
 
     def forward_pooled(self, pooled: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
         """Policy logits and value from an already pooled state (see :meth:`pool_state`).
 
         Arguments:
-          pooled (Tensor): (B, C+1, grid_h, grid_w) from :meth:`pool_state`.
+          pooled (Tensor): (B, r+1, grid_h, grid_w) from :meth:`pool_state`.
           history (Tensor): (B, A), 1.0 where the action was already chosen this episode, else 0.
 
         Returns:
@@ -166,15 +174,21 @@ class PromptAgent(nn.Module):
           (Tensor): (B,) state value V(s_t).
         """
         batch = pooled.shape[0]
-        features = self.trunk(pooled)  # B x hidden x gh x gw
-        global_features = features.mean(dim=(2, 3))  # B x hidden
-        policy_inputs = [features, global_features[:, :, None, None].expand_as(features)]
+        gh, gw = self.grid
+        tokens = pooled.flatten(2).transpose(1, 2)  # B x A x (r+1)
+        f = F.relu(self.stem_norm(self.stem(tokens)))  # B x A x hidden
+        # Context: each cell adds a projection of the mean of its 3x3 neighbourhood (borders: of what exists).
+        neighbours = self.context_neighbours(f).transpose(1, 2).reshape(batch, self.hidden, gh, gw)
+        neighbours = F.avg_pool2d(neighbours, 3, stride=1, padding=1, count_include_pad=False)
+        f = f + F.relu(self.context_self(f) + neighbours.flatten(2).transpose(1, 2))
+        global_features = f.mean(dim=1)  # B x hidden
+        z = self.policy_cell(f) + self.policy_global(global_features)[:, None]
         value_inputs = [global_features]
-        if self.use_history:
-            history = history.to(features.dtype)
-            policy_inputs.append(history.reshape(batch, 1, *self.grid))
+        if self.policy_history is not None:
+            history = history.to(f.dtype)
+            z = z + history[:, :, None] * self.policy_history
             value_inputs.append(history)
-        logits = self.policy_head(torch.cat(policy_inputs, dim=1)).reshape(batch, self.num_actions)
+        logits = self.policy_out(F.relu(z)).squeeze(2)
         value = self.value_head(torch.cat(value_inputs, dim=1)).squeeze(1)
         return logits, value
 

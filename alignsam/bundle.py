@@ -27,7 +27,7 @@ from alignsam.srm import SRM
 from alignsam.train import TrainConfig, TrainedPolicy, make_srm
 
 FORMAT = "alignsam-policy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: agent and SRM read projected states (alignsam.projection)
 
 
 @dataclass
@@ -136,6 +136,11 @@ def load_bundle(path: str | os.PathLike, sam: FrozenSam | None = None, device: s
         raise BundleError(f"{p} is not an AlignSAM policy bundle")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise BundleError(f"{p} has bundle format {meta['format_version']}; this version reads up to {FORMAT_VERSION}")
+    if meta.get("format_version", 0) < FORMAT_VERSION:
+        raise BundleError(
+            f"{p} has bundle format {meta.get('format_version', 0)}, from an older AlignSAM whose agent and SRM "
+            f"read unprojected states; retrain the policy (format {FORMAT_VERSION})"
+        )
     if sam is not None:
         if meta["sam_preset"] != sam.spec.name:
             raise BundleError(
@@ -148,7 +153,8 @@ def load_bundle(path: str | os.PathLike, sam: FrozenSam | None = None, device: s
                 f"(another checkpoint of {sam.spec.name!r}); the policy reads SAM embeddings, so retrain."
             )
     cfg = TrainConfig.from_dict(meta["config"])
-    agent = PromptAgent(meta["embed_dim"], tuple(meta["grid"]), hidden=cfg.agent_hidden, use_history=cfg.use_history)
+    agent = PromptAgent(meta["embed_dim"], tuple(meta["grid"]), hidden=cfg.agent_hidden, use_history=cfg.use_history,
+                        state_channels=cfg.agent_state_channels)
     srm = make_srm(meta["embed_dim"], replace(cfg.srm, branch=meta["branch"]))
     try:
         agent.load_state_dict(payload["agent"])

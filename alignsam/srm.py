@@ -14,8 +14,12 @@ The chosen action's label is the SRM's prediction at its position (:func:`label_
 first prompt pair is the SRM's highest- and lowest-scoring positions (:func:`initial_points`).
 
 Cost. The SRM is trained M times after every action (paper: M=5 for the explicit branch), so it must be cheap
-next to the SAM decoder call that each action costs (~220 ms per sample for vit_b on one CPU thread). Three
-choices keep it so:
+next to the SAM decoder call that each action costs (~220 ms per sample for vit_b, ~3 ms for the ``small``
+preset, on one CPU thread). Four choices keep it so:
+
+* Both states are projected onto r = 32 fixed, whitened principal directions of the run's SAM embeddings
+  (:mod:`alignsam.projection`; exact for the stems, which are linear per position), so the stems read 33
+  channels instead of 257; the width is 32.
 
 * The inputs are average-pooled to at most ``work_grid`` x ``work_grid`` before any layer. The first layer of
   each state is a 1x1 convolution, which commutes with average pooling, so this is exact for that layer, and
@@ -38,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignsam.projection import ChannelProjection
+
 Branch = Literal["implicit", "explicit"]
 
 
@@ -53,8 +59,10 @@ class SRMConfig:
     """M for the explicit branch"""
     lr: float = 1e-3
     """Adam learning rate"""
-    hidden: int = 64
+    hidden: int = 32
     """channel width"""
+    state_channels: int | None = 32
+    """r: embedding channels kept by the fixed projection of the states (None: all); see alignsam.projection"""
     attn_grid: int = 32
     """self-attention runs on at most attn_grid x attn_grid tokens"""
     work_grid: int = 16
@@ -121,16 +129,19 @@ class SRM(nn.Module):
       attn_grid (int): self-attention runs on at most attn_grid x attn_grid tokens (explicit branch).
       work_grid (int): layers run on at most work_grid x work_grid positions (see the module docstring).
       num_heads (int): attention heads (explicit branch); must divide ``hidden``.
+      state_channels (int | None): r, the embedding channels kept by a fixed projection of both states (fit it
+        with :meth:`fit_projection`; see :mod:`alignsam.projection`); None or >= C keeps all C channels.
     """
 
     def __init__(
         self,
         embed_dim: int,
         branch: Branch,
-        hidden: int = 64,
+        hidden: int = 32,
         attn_grid: int = 32,
         work_grid: int = 16,
         num_heads: int = 4,
+        state_channels: int | None = 32,
     ) -> None:
         super().__init__()
         if branch not in ("implicit", "explicit"):
@@ -139,18 +150,23 @@ class SRM(nn.Module):
         self.branch: Branch = branch
         self.hidden = hidden
         self.work_grid = work_grid
+        self.projection = (
+            ChannelProjection(embed_dim, state_channels)
+            if state_channels is not None and state_channels < embed_dim else None
+        )
+        state_dim = (state_channels if self.projection is not None else embed_dim) + 1
 
         if branch == "implicit":
             # Two convolution blocks on the spatial state (a 1x1 stem, then 3x3 context).
             self.encoder = nn.Sequential(
-                _conv_block(embed_dim + 1, hidden, 1),
+                _conv_block(state_dim, hidden, 1),
                 _conv_block(hidden, hidden, 3),
                 _conv_block(hidden, hidden, 3),
             )
         else:
             # Three convolution layers fuse the states: one 1x1 stem per state, a 3x3 fusion.
-            self.spatial_stem = _conv_block(embed_dim + 1, hidden, 1)
-            self.semantic_stem = _conv_block(embed_dim + 1, hidden, 1)
+            self.spatial_stem = _conv_block(state_dim, hidden, 1)
+            self.semantic_stem = _conv_block(state_dim, hidden, 1)
             self.fuse = _conv_block(2 * hidden, hidden, 3)
             if hidden % num_heads:
                 raise ValueError(f"SRM hidden={hidden} must be divisible by num_heads={num_heads}")
@@ -163,7 +179,14 @@ class SRM(nn.Module):
     @classmethod
     def from_config(cls, embed_dim: int, cfg: SRMConfig) -> SRM:
         """An SRM with ``cfg``'s branch and sizes."""
-        return cls(embed_dim, cfg.branch, hidden=cfg.hidden, attn_grid=cfg.attn_grid, work_grid=cfg.work_grid)
+        return cls(embed_dim, cfg.branch, hidden=cfg.hidden, attn_grid=cfg.attn_grid, work_grid=cfg.work_grid,
+                   state_channels=cfg.state_channels)
+
+    @torch.no_grad()
+    def fit_projection(self, embeddings: Tensor, seed: int = 0) -> None:
+        """Fit the states' projection to the training images' embeddings ``(N, C, h, w)`` (no-op without one)."""
+        if self.projection is not None:
+            self.projection.fit(embeddings, seed=seed)
 
     # -- states --------------------------------------------------------------------------------------------
 
@@ -180,9 +203,13 @@ class SRM(nn.Module):
                 f"map of size {tuple(attention_map.shape[-2:])} does not match the embedding grid "
                 f"{tuple(embedding.shape[-2:])}; resize it to the embedding grid first"
             )
-        state = torch.cat([embedding * attention_map, attention_map], dim=1)
         size = self._work_size(*embedding.shape[-2:])
-        return F.adaptive_avg_pool2d(state, size) if size != tuple(embedding.shape[-2:]) else state
+        product = embedding * attention_map
+        if size != tuple(embedding.shape[-2:]):
+            product, attention_map = F.adaptive_avg_pool2d(product, size), F.adaptive_avg_pool2d(attention_map, size)
+        if self.projection is not None:  # linear per position: commutes with the pooling (exact)
+            product = self.projection(product)
+        return torch.cat([product, attention_map], dim=1)
 
     def pool_spatial(self, embedding: Tensor, prev_prob: Tensor) -> Tensor:
         """Spatial state ``[F_I * P_{t-1}, P_{t-1}]`` pooled to the work grid. No parameters.
@@ -191,7 +218,7 @@ class SRM(nn.Module):
           embedding (Tensor): (B, C, h, w). prev_prob (Tensor): (B, 1, h, w) in [0, 1].
 
         Returns:
-          (Tensor): (B, C+1, h', w') with h' = min(h, work_grid), w' = min(w, work_grid).
+          (Tensor): (B, r+1, h', w') with h' = min(h, work_grid), w' = min(w, work_grid) (r = C without a projection).
         """
         return self._pool_product(embedding, prev_prob)
 
@@ -202,7 +229,7 @@ class SRM(nn.Module):
           embedding (Tensor): (B, C, h, w). clip_map (Tensor): (B, 1, h, w) CLIP-Surgery similarity.
 
         Returns:
-          (Tensor): (B, C+1, h', w').
+          (Tensor): (B, r+1, h', w').
         """
         return self._pool_product(embedding, clip_map)
 
@@ -214,7 +241,7 @@ class SRM(nn.Module):
         """Predict from pooled states (see :meth:`pool_spatial`, :meth:`pool_semantic`).
 
         Arguments:
-          spatial (Tensor): (B, C+1, h', w'). semantic (Tensor | None): (B, C+1, h', w'), explicit branch only.
+          spatial (Tensor): (B, r+1, h', w'). semantic (Tensor | None): (B, r+1, h', w'), explicit branch only.
           out_size (tuple[int, int]): (h, w) of the embedding grid, the size of the returned logits.
 
         Returns:
@@ -325,7 +352,7 @@ def srm_update(
       srm (SRM): trained in place. optimizer: over its parameters (Adam, ``cfg.lr``).
       embedding (Tensor): (B, C, h, w). prev_prob (Tensor): (B, 1, h, w). clip_map (Tensor | None): (B, 1, h, w).
       gt (Tensor): (B, 1, h, w) in {0, 1}. present (Tensor | None): (B,).
-      semantic (Tensor | None): (B, C+1, h', w') cached :meth:`SRM.pool_semantic` output; saves pooling.
+      semantic (Tensor | None): (B, r+1, h', w') cached :meth:`SRM.pool_semantic` output; saves pooling.
 
     Returns:
       (float): mean loss over the M updates.

@@ -47,7 +47,10 @@ class TrainConfig:
     srm: SRMConfig = field(default_factory=SRMConfig)
     grid: tuple[int, int] = (10, 10)
     branch: Literal["implicit", "explicit", "auto"] = "auto"
-    agent_hidden: int = 64
+    agent_hidden: int = 32
+    # r: SAM embedding channels the agent keeps (a fixed projection fitted per run; None: all). See
+    # alignsam.projection and benchmarks/results/policy_choices.md.
+    agent_state_channels: int | None = 32
     use_history: bool = True
     use_mask_input: bool = False
     # Who labels the chosen points during training rollouts: the SRM (paper) or the ground truth.
@@ -127,7 +130,7 @@ class TrainResult:
 
 
 def make_srm(embed_dim: int, cfg: SRMConfig) -> SRM:
-    return SRM(embed_dim, cfg.branch, hidden=cfg.hidden, attn_grid=cfg.attn_grid, work_grid=cfg.work_grid)
+    return SRM.from_config(embed_dim, cfg)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -197,9 +200,13 @@ def train_branch(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     c = sam.embed_dim
-    agent = PromptAgent(c, cfg.grid, hidden=cfg.agent_hidden, use_history=cfg.use_history).to(dev)
+    agent = PromptAgent(c, cfg.grid, hidden=cfg.agent_hidden, use_history=cfg.use_history,
+                        state_channels=cfg.agent_state_channels).to(dev)
     srm_cfg = replace(cfg.srm, branch=branch)
     srm = make_srm(c, srm_cfg).to(dev)
+    train_embeddings = enc.embeddings[torch.tensor(train_idx, device=enc.embeddings.device)]
+    agent.fit_projection(train_embeddings, seed=cfg.seed)
+    srm.fit_projection(train_embeddings, seed=cfg.seed)
     opt_agent = torch.optim.Adam(agent.parameters(), lr=cfg.ppo.lr)
     opt_srm = torch.optim.Adam(srm.parameters(), lr=cfg.srm.lr)
     semantic = None

@@ -73,13 +73,14 @@ def test_history_channel_is_row_major() -> None:
     grid = (3, 5)
     agent = PromptAgent(4, grid=grid, hidden=8, use_history=True)
     with torch.no_grad():
-        first, last = agent.policy_head[0], agent.policy_head[-1]
-        first.weight.zero_()
-        first.bias.zero_()
-        first.weight[0, -1] = 1.0  # hidden unit 0 <- history channel
-        last.weight.zero_()
-        last.bias.zero_()
-        last.weight[0, 0] = 1.0
+        agent.policy_cell.weight.zero_()
+        agent.policy_cell.bias.zero_()
+        agent.policy_global.weight.zero_()
+        agent.policy_history.zero_()
+        agent.policy_history[0] = 1.0  # hidden unit 0 <- history bit
+        agent.policy_out.weight.zero_()
+        agent.policy_out.bias.zero_()
+        agent.policy_out.weight[0, 0] = 1.0
     history = torch.zeros(1, 15)
     row, col = 2, 3
     history[0, row * grid[1] + col] = 1.0

@@ -15,10 +15,13 @@ from alignsam.errors import BundleError, DataError
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
 from alignsam.sam import FrozenSam
+from alignsam.srm import SRMConfig
 from alignsam.train import TrainConfig, split_indices, train
 from tests.helpers import bright_disc_samples
 
-QUICK = TrainConfig(ppo=PPOConfig(episodes=2, steps=3, epochs=2), grid=(6, 6), branch="auto", seed=1)
+# State projections narrower than the tiny SAM's 32 channels, so training, bundles and inference exercise them.
+QUICK = TrainConfig(ppo=PPOConfig(episodes=2, steps=3, epochs=2), srm=SRMConfig(state_channels=16), grid=(6, 6),
+                    branch="auto", seed=1, agent_state_channels=16)
 
 
 @pytest.fixture(scope="module")
