@@ -343,9 +343,12 @@ def ppo_update(
     updates = 0
     agent.train()
     for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n, minibatch):
-            idx = order[start : start + minibatch]
+        if minibatch >= n:  # one full-batch step: the order does not matter, skip copying the buffer
+            batches: list[Tensor | slice] = [slice(None)]
+        else:
+            order = torch.randperm(n, generator=generator).to(device)
+            batches = [order[start : start + minibatch] for start in range(0, n, minibatch)]
+        for idx in batches:
             logits, value = agent.forward_pooled(pooled[idx], history[idx])
             dist = policy_distribution(logits, history[idx], cfg.mask_repeats)
             losses = ppo_losses(
