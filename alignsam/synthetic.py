@@ -281,9 +281,11 @@ def _draw_objects(
 
 
 # ---------------------------------------------------------------------------------------- families
-def _semantic(rng: np.random.Generator, size: int) -> tuple[_Canvas, str, list[int] | None]:
+def _semantic(rng: np.random.Generator, size: int, category: str | None = None) -> tuple[_Canvas, str, list[int] | None]:
     canvas = _Canvas(_texture(rng, size))
     target = str(rng.choice(list(CATEGORIES)))
+    if category is not None:  # a per-category split (one policy per label, as for a Pascal VOC class)
+        target = category
     others = [c for c in CATEGORIES if c != target]
     shapes = [target] * int(rng.integers(1, 4)) + [str(rng.choice(others)) for _ in range(int(rng.integers(2, 6)))]
     for shape in rng.permutation(shapes):
@@ -431,12 +433,23 @@ _BUILDERS = {"semantic": _semantic, "saliency": _saliency, "blur": _blur, "shado
 _TARGET_KIND = {"blur": "blur", "shadow": "shadow", "mirror": "mirror"}
 
 
-def make_scene(family: str, seed: int, size: int = 256) -> Scene:
-    """Draws the scene of ``family`` for ``seed`` (deterministic) at ``size`` x ``size`` pixels."""
+def make_scene(family: str, seed: int, size: int = 256, category: str | None = None) -> Scene:
+    """Draws the scene of ``family`` for ``seed`` (deterministic) at ``size`` x ``size`` pixels.
+
+    ``category`` (semantic family only): the target category, one of :data:`CATEGORIES`; None draws one per
+    scene (the SAM-training mix). A benchmark split of the semantic family fixes it, like one Pascal VOC class.
+    """
     if family not in _BUILDERS:
         raise ValueError(f"unknown task family {family!r}; choose one of: {', '.join(FAMILIES)}")
     rng = np.random.default_rng([FAMILIES.index(family), int(seed)])
-    canvas, category, target_idx = _BUILDERS[family](rng, size)
+    if category is not None:
+        if family != "semantic":
+            raise ValueError(f"only the semantic family has categories, not {family!r}")
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown category {category!r}; choose one of: {', '.join(CATEGORIES)}")
+        canvas, category, target_idx = _semantic(rng, size, category)
+    else:
+        canvas, category, target_idx = _BUILDERS[family](rng, size)
     image = np.clip(canvas.image, 0, 255).astype(np.uint8)
     min_area = _MIN_REGION_FRACTION * size * size
     regions, kinds, old_to_new = [], [], {}
@@ -476,9 +489,9 @@ def split_seeds(split: str, n: int | None = None) -> range:
     raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
 
 
-def make_split(family: str, split: str, n: int | None = None, size: int = 256) -> list[Scene]:
-    """The scenes of a benchmark split (50 train, 200 test by default)."""
-    return [make_scene(family, s, size) for s in split_seeds(split, n)]
+def make_split(family: str, split: str, n: int | None = None, size: int = 256, category: str | None = None) -> list[Scene]:
+    """The scenes of a benchmark split (50 train, 200 test by default); ``category``: see :func:`make_scene`."""
+    return [make_scene(family, s, size, category) for s in split_seeds(split, n)]
 
 
 def write_split(

@@ -114,3 +114,21 @@ def test_console_script_lists_presets():
     exe = Path(sys.executable).with_name("alignsam")
     res = subprocess.run([str(exe), "presets"], capture_output=True, text=True, timeout=120, check=True)
     assert "vit_b" in res.stdout and "93,735,472" in res.stdout
+
+
+def test_eval_without_data_or_with_an_unknown_task_is_one_readable_line(capsys):
+    assert "eval needs --bundle, --images, --masks" in _error(capsys, ["eval"])
+    assert "unknown task family 'nope'" in _error(capsys, ["eval", "--synthetic", "nope"])
+    assert "needs a category" in _error(capsys, ["eval", "--synthetic", "semantic"])
+
+
+def test_eval_synthetic_trains_and_prints_the_full_table(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    code = main(["eval", "--synthetic", "saliency", "--train", "6", "--test", "3", "--episodes", "1",
+                 "--sam-preset", "tiny", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for row in ("AlignSAM", "w/o RL", "w/o SRM", "w/o multi-step", "PerSAM-style", "oracle clicker"):
+        assert f"| {row} |" in printed
+    report = json.loads(out.read_text())
+    assert report["saliency"]["n_test"] == 3 and 0.0 <= report["saliency"]["table"]["AlignSAM"]["miou"] <= 1.0

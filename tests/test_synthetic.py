@@ -143,3 +143,18 @@ def test_corrective_click_targets_the_largest_error():
     (x, y), label = corrective_click(pred2, gt)
     assert label == 0 and 50 <= x < 60 and 50 <= y < 60
     assert corrective_click(gt, gt) is None
+
+
+@pytest.mark.parametrize("category", list(CATEGORIES))
+def test_a_semantic_split_can_fix_its_category(category):
+    scenes = make_split("semantic", "train", 6, category=category)
+    assert {s.text for s in scenes} == {category}
+    for s in scenes:
+        assert s.target_regions and s.mask.any()
+        assert all(s.region_kinds[i] == "object" for i in s.target_regions)
+    # Without a category the split mixes them (the SAM-training mix), and the other families refuse one.
+    assert len({s.text for s in make_split("semantic", "train", 12)}) > 1
+    with pytest.raises(ValueError, match="only the semantic family"):
+        make_scene("blur", 0, category=category)
+    with pytest.raises(ValueError, match="unknown category"):
+        make_scene("semantic", 0, category="hexagon")
