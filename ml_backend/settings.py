@@ -220,7 +220,7 @@ def markdown_table() -> str:
     """Every variable as a Markdown table (``python -m ml_backend.settings`` prints it for the README)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         shown = "" if default is None else (", ".join(default) if isinstance(default, list) else str(default))
         rows.append(f"| `{name.upper()}` | {f'`{shown}`' if shown else '(unset)'} | {field.description or ''} |")
     return "\n".join(rows)
