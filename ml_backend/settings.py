@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         "Keep PREDICT_FETCH_BUDGET_S + PREDICT_WAIT_S well under Label Studio's 100 s.",
     )
     predict_job_timeout_s: int = Field(default=600, gt=0, description="RQ timeout of one predict job.")
+    predict_batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="A worker taking a predict job also takes up to this many minus one predict jobs waiting in "
+        "the queue (at most its fair share with several workers) and runs them as one batch through SAM; each "
+        "job still gets its own result. 1: one job at a time.",
+    )
     predict_cache_ttl_s: int = Field(
         default=7 * 24 * 3600, gt=0, description="How long a task's prediction stays cached in Redis."
     )

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ from ml_backend.queue import enqueue_prelabel
 from ml_backend.redis_conn import connect_redis
 from ml_backend.settings import Settings, get_settings
 from ml_backend.state import ProjectStore
-from workers.inference import predict_labels, prediction_for
+from workers.inference import predict_labels, predict_labels_many, prediction_for
 from workers.label_studio import LabelStudioClient, chunks, human_annotations, prediction_versions
 from workers.models import bundle_miou, bundle_path, models
 
@@ -110,18 +110,82 @@ def predict_task(
     cache_key: str,
 ) -> dict[str, Any]:
     """Predict one task and cache the Label Studio prediction under ``cache_key`` (read by ``/predict``)."""
+    [outcome] = predict_tasks([{
+        "project_id": project_id, "task": task, "image": image, "config": config, "model_version": model_version,
+        "policy_versions": policy_versions, "cache_key": cache_key,
+    }])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def predict_tasks(calls: Sequence[Mapping[str, Any]], conn: Redis | None = None) -> list[dict[str, Any] | Exception]:
+    """:func:`predict_task` for several tasks at once (``calls``: each one's keyword arguments), in order.
+
+    The worker runs the predict jobs waiting in its queue through this as one batch: tasks of one project,
+    config and versions share each label's SAM / CLIP / policy pass. A task that fails (unreadable image, a
+    model error) gets its exception in its slot and the others still get their predictions. ``compute_s`` of
+    each result is its share of the whole batch's time (they sum to the batch's compute time).
+    """
     t0 = time.perf_counter()
     m = models()
     settings = m.settings
-    _job, conn = _connection()
-    cfg = LabelConfig.from_json(config)
+    if conn is None:
+        conn = _connection()[1]
     store = _store(conn, settings)
-    array = _task_image(settings, _access(store, settings, project_id), task, cfg, image)
-    label_masks = predict_labels(m, array, project_id, cfg, policy_versions, settings.zero_shot)
-    prediction = prediction_for(settings, label_masks, cfg, model_version)
-    conn.set(cache_key, json.dumps(prediction), ex=settings.predict_cache_ttl_s)
-    return {"task": task.get("id"), "regions": len(prediction["result"]), "score": prediction["score"],
-            "compute_s": time.perf_counter() - t0}
+    out: list[dict[str, Any] | Exception | None] = [None] * len(calls)
+    accesses: dict[int, LabelStudioAccess] = {}
+    groups: dict[str, list[tuple[int, np.ndarray, LabelConfig]]] = {}
+    for i, call in enumerate(calls):
+        try:
+            pid = int(call["project_id"])
+            cfg = LabelConfig.from_json(call["config"])
+            if pid not in accesses:
+                accesses[pid] = _access(store, settings, pid)
+            array = _task_image(settings, accesses[pid], call["task"], cfg, call["image"])
+        except Exception as exc:  # this task only
+            out[i] = exc
+            continue
+        group = json.dumps([pid, call["config"], dict(call["policy_versions"])], sort_keys=True, default=str)
+        groups.setdefault(group, []).append((i, array, cfg))
+    cached: dict[str, str] = {}
+    for members in groups.values():
+        first = calls[members[0][0]]
+        pid, cfg, versions = int(first["project_id"]), members[0][2], first["policy_versions"]
+        try:
+            masks = predict_labels_many(m, [a for _, a, _ in members], pid, cfg, versions, settings.zero_shot)
+        except Exception:  # find the task that breaks the batch; the others still get their answer
+            logger.warning("project %s: batched prediction of %d tasks failed; predicting them one by one", pid,
+                           len(members), exc_info=True)
+            masks = []
+            for i, array, _ in members:
+                try:
+                    masks.append(predict_labels(m, array, pid, cfg, versions, settings.zero_shot))
+                except Exception as exc:
+                    out[i] = exc
+                    masks.append({})
+        for (i, _, _), label_masks in zip(members, masks, strict=True):
+            if out[i] is not None:
+                continue
+            call = calls[i]
+            try:
+                prediction = prediction_for(settings, label_masks, cfg, call["model_version"])
+            except Exception as exc:
+                out[i] = exc
+                continue
+            cached[call["cache_key"]] = json.dumps(prediction)
+            out[i] = {"task": call["task"].get("id"), "regions": len(prediction["result"]),
+                      "score": prediction["score"]}
+    if cached:
+        with conn.pipeline(transaction=False) as pipe:
+            for key, value in cached.items():
+                pipe.set(key, value, ex=settings.predict_cache_ttl_s)
+            pipe.execute()
+    share = (time.perf_counter() - t0) / max(len(calls), 1)
+    for result in out:
+        if isinstance(result, dict):
+            result.update(compute_s=share, batch=len(calls))
+    return [r if r is not None else RuntimeError("not predicted") for r in out]
 
 
 # ---------------------------------------------------------------------------------------------------------
