@@ -2,7 +2,9 @@
 
 - repeated actions: mask already-chosen patches out of the policy (`mask_repeats`) and/or show the
   agent the map of its past actions (`use_history`);
-- feeding SAM's previous low-res logits back as `mask_input` (`use_mask_input`).
+- feeding SAM's previous low-res logits back as `mask_input` (`use_mask_input`);
+- the cost side of the networks: the fixed state projection (`agent_state_channels`, `srm.state_channels`:
+  r of SAM's 256 channels, None = all, see alignsam.projection) and the agent's width (`agent_hidden`).
 
 Each variant is trained on the same synthetic train split with the same seed and evaluated on the
 same held-out images: mIoU, FR, and the share of distinct patches among the T chosen ones.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,8 +31,11 @@ from alignsam.synthetic import make_split
 from alignsam.train import TrainConfig, train
 from benchmarks.common import RESULTS, write_results
 
-VARIANTS = {
+VARIANTS: dict[str, dict] = {
     "mask repeats + history (default)": {"mask_repeats": True, "use_history": True},
+    "all 256 channels (no projection)": {"state_channels": None},
+    "projection r=16": {"state_channels": 16},
+    "agent width 16": {"agent_hidden": 16},
     "mask repeats only": {"mask_repeats": True, "use_history": False},
     "history only": {"mask_repeats": False, "use_history": True},
     "neither": {"mask_repeats": False, "use_history": False},
@@ -43,7 +49,8 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=50)
     ap.add_argument("--test", type=int, default=60)
     ap.add_argument("--episodes", type=int, default=30)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these variants (names as listed)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     sam = load_sam("small", None, args.device)
@@ -52,9 +59,16 @@ def main() -> None:
     results: dict[str, object] = {"family": args.family, "episodes": args.episodes, "epochs": args.epochs}
     rows = []
     for name, v in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
+        base = TrainConfig()
+        rank = v.get("state_channels", base.agent_state_channels)
         cfg = TrainConfig(
-            ppo=PPOConfig(episodes=args.episodes, epochs=args.epochs, mask_repeats=v["mask_repeats"]),
-            use_history=v["use_history"], use_mask_input=v.get("use_mask_input", False), branch="implicit", seed=0,
+            ppo=PPOConfig(episodes=args.episodes, epochs=args.epochs, mask_repeats=v.get("mask_repeats", True)),
+            srm=replace(base.srm, state_channels=rank), agent_state_channels=rank,
+            agent_hidden=v.get("agent_hidden", base.agent_hidden),
+            use_history=v.get("use_history", True), use_mask_input=v.get("use_mask_input", False),
+            branch="implicit", seed=0,
         )
         t0 = time.perf_counter()
         res = train(sam, train_s, cfg)
@@ -65,13 +79,13 @@ def main() -> None:
         row = evaluate(model, test_s)["AlignSAM"]
         r = {"miou": row["miou"], "fr": row["fr"], "distinct_actions": distinct,
              "train_fr_last5": float(np.mean([h["foreground_rate"] for h in p.history[-5:]])),
-             "seconds": time.perf_counter() - t0}
+             "seconds": time.perf_counter() - t0, "ppo_s": res.timings.ppo_updates, "srm_s": res.timings.srm_updates}
         results[name] = r
         print(name, {k: round(val, 4) for k, val in r.items()}, flush=True)
         rows.append((name, f"{r['miou']:.4f}", f"{r['fr']:.4f}", f"{r['distinct_actions']:.3f}",
-                     f"{r['train_fr_last5']:.3f}", f"{r['seconds']:.0f}"))
+                     f"{r['train_fr_last5']:.3f}", f"{r['seconds']:.0f}", f"{r['ppo_s']:.0f}", f"{r['srm_s']:.0f}"))
     path = write_results("policy_choices", results, rows,
-                         ("variant", "test mIoU", "test FR", "distinct actions", "train FR (last 5 ep.)", "s"), RESULTS)
+                         ("variant", "test mIoU", "test FR", "distinct actions", "train FR (last 5 ep.)", "s", "PPO s", "SRM s"), RESULTS)
     print(f"wrote {path}")
 
 
