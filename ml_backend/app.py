@@ -3,7 +3,8 @@
 Routes (bodies as Label Studio 1.23 sends them, see ``tests/ml_backend/fixtures``):
 
 ==================  ======================================================================================
-``GET /health``     ``{"status": "UP", "model_class": "AlignSAM"}`` (also ``GET /``); never needs auth
+``GET /health``     ``{"status": "UP", "model_class": "AlignSAM", "redis": "ok"}`` (also ``GET /``); never needs
+                    auth; ``redis`` says ``unreachable (...)`` while Redis is down (the status stays 200)
 ``POST /setup``     ``{project, schema, hostname, access_token, extra_params}`` -> ``{"model_version": v}``
 ``POST /predict``   ``{tasks, project, label_config, params: {context}}`` -> ``{"results": [...]}``, one per
                     task, in order
@@ -26,7 +27,8 @@ Auth:
   Without ``WEBHOOK_SECRET``, ``/webhook`` is open.
 
 Errors are JSON ``{"status": "error", "message": ...}`` with a 4xx for what a client can fix; messages never
-contain tokens.
+contain tokens. While Redis is unreachable every route but ``/health`` answers 503 (``RedisUnavailable``); the
+process reconnects by itself when Redis is back.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from __future__ import annotations
 import atexit
 import hmac
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from redis import Redis
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from ml_backend.errors import AuthError, BadRequestError, MLBackendError
@@ -177,6 +180,14 @@ def _register_errors(app: Flask) -> None:
         logger.info("%s %s -> %s: %s", request.method, request.path, exc.http_status, exc)
         return jsonify(status="error", error=type(exc).__name__, message=str(exc)), exc.http_status
 
+    @app.errorhandler(RedisError)
+    def redis_down(exc: RedisError) -> tuple[Response, int]:
+        # Redis restarting or unreachable: say so (Label Studio retries later); the connection pool reconnects by
+        # itself on the next request once Redis is back, so nothing here needs restarting.
+        logger.warning("%s %s: Redis unreachable: %s: %s", request.method, request.path, type(exc).__name__, exc)
+        message = (f"Redis is unreachable ({type(exc).__name__}); the backend answers again as soon as it is back.")
+        return jsonify(status="error", error="RedisUnavailable", message=message), 503
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
         code = exc.code or 500
@@ -209,7 +220,17 @@ def _register_routes(app: Flask, services: BackendServices) -> None:
         xml = label_config if isinstance(label_config, str) and label_config.strip() else None
         return AlignSAMModel(services, project_id_from(project), xml)
 
-    health: Callable[[], Response] = lambda: jsonify(status="UP", model_class=MODEL_CLASS)  # noqa: E731
+    def health() -> Response:
+        # Always 200 while this process serves: a Redis outage is reported, not a reason to restart the web process
+        # (it reconnects by itself when Redis is back).
+        try:
+            store.redis.ping()
+            redis_state = "ok"
+        except RedisError as exc:
+            redis_state = (f"unreachable ({type(exc).__name__}): predictions and training resume when Redis is "
+                           "back")
+        return jsonify(status="UP", model_class=MODEL_CLASS, redis=redis_state)
+
     app.add_url_rule("/health", "health", health, methods=["GET"])
     app.add_url_rule("/", "index", health, methods=["GET"])
 

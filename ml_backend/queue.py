@@ -243,16 +243,23 @@ class QueuePredictor:
         return [j for j in jobs if j is not None]
 
     def _wait(self, jobs: Sequence[Job], deadline: float) -> None:
-        """Block on the jobs' RQ result streams until all have a result or the deadline passes."""
+        """Block on the jobs' RQ result streams until all have a result or the deadline passes.
+
+        Each blocking read lasts at most a second (less when the connection's socket timeout is shorter): a
+        connection may carry a socket timeout (``?socket_timeout=`` in REDIS_URL; RQ's ``Worker`` sets one on any
+        pool it is given, 5 s for connections opened after that, e.g. on reconnecting after a Redis restart), and
+        a long wait must never be mistaken for a dead Redis.
+        """
         pending = {Result.get_key(job.id) for job in jobs}
+        socket_timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        slice_ms = min(1000, max(int(float(socket_timeout) * 500), 1)) if socket_timeout else 1000
         while pending:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 return
-            response = self.redis.xread({key: "0-0" for key in pending}, block=left_ms)
-            if not response:
-                return
-            for stream, _entries in response:
+            block = min(left_ms, slice_ms)
+            response = self.redis.xread({key: "0-0" for key in pending}, block=block)
+            for stream, _entries in response or ():
                 pending.discard(_text(stream))
 
     def _count(self, counter: str, by: int) -> None:

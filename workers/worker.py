@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from redis.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -91,6 +93,45 @@ class AlignSamWorker(SimpleWorker):
     _claim_script: Any = None
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        try:
+            self._execute(job, queue)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            # Redis went away mid-job: stay alive (RQ's dequeue loop waits for it with backoff). The job stays in
+            # the started registry without heartbeats and is reaped as abandoned; /predict enqueues it again.
+            logger.error("worker %s: Redis unreachable while running job %s (%s); waiting for it to come back",
+                         self.name, job.id, exc)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        try:
+            super().heartbeat(timeout)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # the next dequeue waits for Redis with backoff
+            logger.warning("worker %s: heartbeat failed, Redis unreachable (%s)", self.name, exc)
+
+    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
+        if pipeline is not None:
+            super().set_state(state, pipeline=pipeline)
+            return
+        try:
+            super().set_state(state)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # the next dequeue waits for Redis with backoff
+            logger.warning("worker %s: could not record state %s, Redis unreachable (%s)", self.name, state, exc)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except (RedisConnectionError, RedisTimeoutError) as exc:  # RQ's dequeue loop waits for Redis with backoff
+            logger.warning("worker %s: Redis unreachable (%s)", self.name, exc)
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            logger.warning("worker %s: maintenance skipped, Redis unreachable (%s)", self.name, exc)
+
+    def _execute(self, job: Job, queue: Queue) -> None:
         batch = [job]
         if self.predict_batch_size > 1 and queue.name == PREDICT_QUEUE and job.func_name == PREDICT_JOB:
             batch += self._claim_waiting(queue, self.predict_batch_size - 1)

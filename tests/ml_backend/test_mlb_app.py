@@ -68,7 +68,7 @@ def test_health_and_index(client: FlaskClient) -> None:
     for path in ("/health", "/"):
         response = client.get(path)
         assert response.status_code == 200
-        assert response.get_json() == {"status": "UP", "model_class": "AlignSAM"}
+        assert response.get_json() == {"status": "UP", "model_class": "AlignSAM", "redis": "ok"}
     assert send(client, "health").get_json()["status"] == "UP"
 
 

@@ -63,7 +63,7 @@ def test_gunicorn_serves_and_stops_its_embedded_redis(tmp_path: Path) -> None:
             except OSError:
                 assert master.poll() is None and time.monotonic() < deadline, (tmp_path / "gunicorn.log").read_text()
                 time.sleep(0.2)
-        assert health == {"status": "UP", "model_class": "AlignSAM"}
+        assert health == {"status": "UP", "model_class": "AlignSAM", "redis": "ok"}
         # ZERO_SHOT is on by default: before training, predictions are zero-shot and say so.
         assert _get(f"http://127.0.0.1:{port}/versions")["versions"] == ["alignsam-zeroshot"]
         servers = _redis_servers_in(tmp_path)

@@ -36,7 +36,7 @@ def test_app_imports_no_torch_and_owns_its_embedded_redis(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []
-    assert report["health"] == {"status": "UP", "model_class": "AlignSAM"}
+    assert report["health"] == {"status": "UP", "model_class": "AlignSAM", "redis": "ok"}
     assert (tmp_path / "models" / "redis.db").exists()
     # the embedded Redis server the app started is shut down when the process exits
     deadline = time.monotonic() + 10
