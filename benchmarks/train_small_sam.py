@@ -24,13 +24,16 @@ click, mean IoU over region kinds on held-out seeds); the best weights are writt
 in the official SAM state-dict format, and the full training state (for ``--resume``) to
 ``--state``.
 
-Reproduce the committed ``alignsam/assets/sam_small.pth`` (a 65-minute run, then a 26-minute
-continuation with a fresh warmup + cosine at a lower peak learning rate):
+Reproduce the committed ``alignsam/assets/sam_small.pth`` (a 65-minute run, a 26-minute continuation
+with a fresh warmup + cosine at a lower peak learning rate, then a 75-minute continuation with 3 corrective
+clicks per step and the previous logits fed back for half of the prompts):
 
     nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --minutes 65 --threads 1 \\
         --out alignsam/assets/sam_small.pth
     nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state.pt \\
         --minutes 26 --threads 1 --lr 4e-4 --out alignsam/assets/sam_small.pth
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state.pt \\
+        --minutes 75 --threads 1 --lr 4e-4 --rounds 4 --mask-input-prob 0.5 --out alignsam/assets/sam_small.pth
 
 (the exact command(s) of the committed run, with their timing, are in ``benchmarks/results/small_sam.md``).
 One torch thread on purpose: on a shared 2-core machine a niced 2-thread run stalls at every
@@ -346,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=float, default=10.0, help="minutes between validations")
     parser.add_argument("--batch-images", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="interactive rounds per step (default: TrainConfig)")
+    parser.add_argument("--mask-input-prob", type=float, default=None,
+                        help="rounds >= 2: share of prompts fed the previous logits (default: TrainConfig)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -357,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg.batch_images = args.batch_images
     if args.rounds is not None:
         cfg.rounds = args.rounds
+    if args.mask_input_prob is not None:
+        cfg.mask_input_prob = args.mask_input_prob
     model = build_sam(get_spec(cfg.preset), seed=args.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
