@@ -4,6 +4,11 @@ Calls used: ``tasks.list`` (``GET /api/tasks/?project=&fields=all&page=&page_siz
 ``projects.import_predictions`` (``POST /api/projects/<id>/import/predictions``). Connection errors, timeouts,
 429 and 5xx answers are retried ``LS_API_RETRIES`` times, waiting ``LS_API_BACKOFF_S`` then twice as long each
 time; then :class:`LabelStudioApiError` says what failed (never with the token).
+
+A failed import may still have been saved: Label Studio can store the batch and then answer 5xx, or the answer
+can time out after the write. Label Studio has no idempotency key for imports, so before re-sending a batch after
+a failure, :meth:`LabelStudioClient.import_predictions` re-reads the project's tasks (the same ``tasks.list`` call)
+and sends only the tasks that still have no prediction of that model version.
 """
 
 from __future__ import annotations
@@ -82,14 +87,42 @@ class LabelStudioClient:
         return with_retries(self.settings, f"list tasks of project {project_id}", read)
 
     def import_predictions(self, project_id: int, predictions: Sequence[Mapping[str, Any]]) -> int:
-        """Create predictions in one call; returns how many Label Studio says it created."""
+        """Create predictions (each with ``task`` and ``model_version``) in one call, retried without duplicates.
+
+        A retry after a failed call first re-reads the project's tasks and drops every prediction whose task now
+        has one of that ``model_version`` (the failed call was saved after all), so a task never gets a second
+        prediction of one version from this call. Returns how many of ``predictions`` are in Label Studio now
+        (created by the last call, or found saved by an earlier one).
+        """
+        pending = [dict(p) for p in predictions]
+        saved_earlier = 0
+        tried = False
 
         def send() -> int:
-            response = self.client.projects.import_predictions(id=project_id, request=[dict(p) for p in predictions])
+            nonlocal pending, saved_earlier, tried
+            if tried:
+                # A transient failure here is retried like the import itself (and checks again next time).
+                have = self._tasks_with_versions(project_id, {int(p["task"]) for p in pending})
+                still = [p for p in pending if str(p.get("model_version")) not in have.get(int(p["task"]), set())]
+                if len(still) < len(pending):
+                    logger.warning("project %s: %d of %d predictions of the failed import were saved anyway; "
+                                   "re-sending the other %d", project_id, len(pending) - len(still), len(pending),
+                                   len(still))
+                saved_earlier += len(pending) - len(still)
+                pending = still
+                if not pending:
+                    return saved_earlier
+            tried = True
+            response = self.client.projects.import_predictions(id=project_id, request=pending)
             created = getattr(response, "created", None)
-            return int(created) if created is not None else len(predictions)
+            return saved_earlier + (int(created) if created is not None else len(pending))
 
         return with_retries(self.settings, f"import {len(predictions)} predictions into project {project_id}", send)
+
+    def _tasks_with_versions(self, project_id: int, task_ids: set[int]) -> dict[int, set[str]]:
+        """model_versions of the predictions of ``task_ids``, read now (one try: the caller retries)."""
+        pager = self.client.tasks.list(project=project_id, fields="all", page_size=100)
+        return {int(t["id"]): prediction_versions(t) for t in map(_plain, pager) if int(t.get("id") or 0) in task_ids}
 
 
 def _plain(task: Any) -> dict[str, Any]:

@@ -69,6 +69,11 @@ class FakeLabelStudio:
     ``GET /api/tasks/?project=&fields=all&page=&page_size=&only_annotated=`` (404 past the last page, as Label
     Studio does), ``POST /api/projects/<id>/import/predictions``, ``GET /data/upload/<pid>/<file>``. Every
     route wants ``Authorization: Token <TOKEN>``. ``fail_next`` makes the next N API calls answer 503.
+    ``imports_down_after`` (N) makes every prediction import after the first N stored ones answer 503 without
+    storing anything, until it is set back to None; ``store_then_fail_next`` (N) makes the next N prediction
+    imports store their predictions and then answer 500 (the write happened, the client sees an error), after
+    ``stall_s`` seconds (set it past the client's timeout to make it time out instead). ``imports`` counts the
+    stored imports.
     """
 
     def __init__(self, n_tasks: int, project: int = PROJECT) -> None:
@@ -78,6 +83,10 @@ class FakeLabelStudio:
         self.masks: dict[int, np.ndarray] = {}
         self.calls: list[str] = []
         self.fail_next = 0
+        self.imports_down_after: int | None = None
+        self.store_then_fail_next = 0
+        self.stall_s = 0.0
+        self.imports = 0
         self.lock = threading.Lock()
         for i in range(1, n_tasks + 1):
             image, mask = scene(i)
@@ -146,10 +155,19 @@ class FakeLabelStudio:
             self._maybe_fail()
             body = request.get_json(force=True)
             with self.lock:
+                if self.imports_down_after is not None and self.imports >= self.imports_down_after:
+                    return jsonify(detail="busy"), 503
                 for p in body:
                     task = self.tasks[int(p["task"])]
                     task["predictions"].append({k: p.get(k) for k in ("result", "score", "model_version")})
                     task["total_predictions"] += 1
+                self.imports += 1
+                ambiguous = self.store_then_fail_next > 0
+                if ambiguous:
+                    self.store_then_fail_next -= 1
+            if ambiguous:
+                time.sleep(self.stall_s)
+                return jsonify(detail="stored, but the answer failed"), 500
             return jsonify(created=len(body)), 201
 
         @app.get("/data/upload/<int:pid>/<name>")
