@@ -24,15 +24,20 @@ ABLATIONS: dict[str, dict[str, object]] = {
 }
 
 
-def foreground_rate(pred: Prediction, gt: np.ndarray, initial: int = 2) -> float | None:
-    """Share of the agent's points (after the ``initial`` SRM points) that land on the ground truth."""
-    chosen = pred.points[initial:]
+def points_foreground_rate(points: Sequence[tuple[float, float, int]], gt: np.ndarray) -> float | None:
+    """Share of the ``(x, y, label)`` points (label >= 0; -1 is padding) on the ground truth; None without any."""
+    chosen = [(x, y) for x, y, label in points if label >= 0]
     if not chosen:
         return None
     h, w = gt.shape
     # Pixel of a point = floor of its coordinates, as the environment's reward reads it.
-    hits = [bool(gt[min(int(y), h - 1), min(int(x), w - 1)]) for x, y, _ in chosen]
+    hits = [bool(gt[min(int(y), h - 1), min(int(x), w - 1)]) for x, y in chosen]
     return metrics.foreground_rate(gt, hits=np.array(hits))
+
+
+def foreground_rate(pred: Prediction, gt: np.ndarray, initial: int = 2) -> float | None:
+    """Share of the agent's points (after the ``initial`` SRM points) that land on the ground truth."""
+    return points_foreground_rate(pred.points[initial:], gt)
 
 
 def evaluate(

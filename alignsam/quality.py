@@ -24,7 +24,7 @@ from alignsam.baselines import oracle_predict, persam_predict, target_prototype
 from alignsam.bundle import Bundle
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.data import Sample
-from alignsam.evaluate import evaluate
+from alignsam.evaluate import evaluate, points_foreground_rate
 from alignsam.predict import AlignSAM
 from alignsam.rollout import encode
 from alignsam.sam import FrozenSam
@@ -54,9 +54,8 @@ def task_samples(task: str, split: str, n: int) -> list[Sample]:
 
 
 def _fr(points: list[tuple[float, float, int]], gt: np.ndarray) -> float:
-    h, w = gt.shape
-    hits = [bool(gt[min(int(y), h - 1), min(int(x), w - 1)]) for x, y, lab in points if lab >= 0]
-    return float(np.mean(hits)) if hits else float("nan")
+    fr = points_foreground_rate(points, gt)
+    return float("nan") if fr is None else fr
 
 
 def run_task(

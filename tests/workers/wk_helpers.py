@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,21 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
         self.log.close()
+
+
+@contextlib.contextmanager
+def running_worker(env: dict[str, str], queues: str, log: Path, redis_url: str) -> Iterator[WorkerProcess]:
+    """A :class:`WorkerProcess` on ``queues``, ready (registered in the Redis at ``redis_url``), stopped after."""
+    from redis import Redis
+
+    proc = WorkerProcess(env, queues, log)
+    conn = Redis.from_url(redis_url)
+    try:
+        proc.wait_ready(conn)
+        yield proc
+    finally:
+        proc.stop()
+        conn.close()
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
