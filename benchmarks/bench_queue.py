@@ -98,8 +98,19 @@ def request(images: list[FetchedImage], version: str, start_id: int) -> Predicti
                              policy_versions={}, tasks=tasks, images=images)
 
 
-def compute_seconds(conn: Redis, prefix_ids: list[str]) -> float:
-    return sum(Job.fetch(j, connection=conn).latest_result().return_value["compute_s"] for j in prefix_ids)
+def compute_seconds(conn: Redis, job_ids: list[str]) -> float:
+    """Sum of the jobs' compute time. /predict answers as soon as the predictions are cached, so a job's RQ result
+    may land a few milliseconds after the request returned: wait for it (outside the timed part)."""
+    total = 0.0
+    for job_id in job_ids:
+        job = Job.fetch(job_id, connection=conn)
+        deadline = time.monotonic() + 30
+        while (result := job.latest_result()) is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if result is None:
+            raise RuntimeError(f"job {job_id} has no result")
+        total += result.return_value["compute_s"]
+    return total
 
 
 def run_request(predictor: QueuePredictor, conn: Redis, req: PredictionRequest) -> tuple[float, float]:

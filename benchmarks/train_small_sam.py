@@ -339,7 +339,12 @@ def train_step(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=float, default=70.0, help="wall-clock training budget")
+    parser.add_argument("--minutes", type=float, default=70.0, help="training budget (see --clock)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="what --minutes and --eval-every count: wall-clock time, or this process's CPU time (a run paused "
+        "with SIGSTOP or starved by other work then keeps its full schedule)",
+    )
     parser.add_argument("--out", default="alignsam/assets/sam_small.pth", help="best weights (SAM state dict)")
     parser.add_argument("--state", default="/tmp/train_small_sam_state.pt", help="full training state, for --resume")
     parser.add_argument("--resume", default=None, help="continue from a --state file (new cosine schedule)")
@@ -392,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(args.seed + step)
     budget = args.minutes * 60.0
     start_step = step
-    t0 = time.time()
+    clock = time.process_time if args.clock == "cpu" else time.time
+    t0 = clock()
     last_eval = t0
     last_log = t0
     running: dict[str, float] = {}
@@ -400,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     def checkpoint(final: bool = False) -> None:
         nonlocal best, last_eval
         res = validate(model, val)
-        elapsed = time.time() - t0
+        elapsed = clock() - t0
         res.update(step=step, minutes=(trained_s + elapsed) / 60.0, scenes=scenes_seen)
         history.append(res)
         improved = res["score"] > best
@@ -418,10 +424,10 @@ def main(argv: list[str] | None = None) -> None:
             + (" (final)" if final else ""),
             flush=True,
         )
-        last_eval = time.time()
+        last_eval = clock()
 
     for batch in data:
-        now = time.time()
+        now = clock()
         progress = (now - t0) / budget
         if progress >= 1.0:
             break
@@ -436,18 +442,18 @@ def main(argv: list[str] | None = None) -> None:
         scenes_seen += cfg.batch_images
         for k, v in logs.items():
             running[k] = 0.9 * running.get(k, v) + 0.1 * v
-        if time.time() - last_log > 60 or step - start_step in (1, 5, 20):
-            rate = (step - start_step) / (time.time() - t0)
+        if clock() - last_log > 60 or step - start_step in (1, 5, 20):
+            rate = (step - start_step) / (clock() - t0)
             print(
-                f"step {step} {(time.time() - t0) / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} "
+                f"step {step} {(clock() - t0) / 60:.1f} min lr {opt.param_groups[0]['lr']:.2e} "
                 + " ".join(f"{k}={v:.3f}" for k, v in running.items()) + f" ({rate:.2f} steps/s)",
                 flush=True,
             )
-            last_log = time.time()
-        if time.time() - last_eval > args.eval_every * 60:
+            last_log = clock()
+        if clock() - last_eval > args.eval_every * 60:
             checkpoint()
     checkpoint(final=True)
-    total_min = (time.time() - t0) / 60.0
+    total_min = (clock() - t0) / 60.0
     print(f"done: {step - start_step} steps in {total_min:.1f} min this run; best score {best:.3f}", flush=True)
 
 

@@ -10,12 +10,17 @@ Queues: ``predict`` (latency-sensitive, one job per task), ``train`` (one job pe
 ``P:pred:<pid>:<task>:<image>:<version>``   a task's finished prediction (JSON), per image content hash,
                                             model version and config hash; ``PREDICT_CACHE_TTL_S``
 ``P:predjob:<same digest>``                 id of the predict job computing that entry (while queued)
+``P:predready:<same digest>``               a stream the worker appends to right after writing the entry
+                                            (``READY_TTL_S``), so ``/predict`` wakes before RQ's bookkeeping
 ``P:project:<pid>:train-job``               id of the project's latest training job (queued or follow-up)
 ==========================================  ==========================================================
 
 Prediction path: a ``/predict`` answers every task whose prediction is cached at once, enqueues one job per
-missing task (or joins the job already computing it), and waits on the jobs' RQ result streams (one blocking
-``XREAD`` over all of them) until ``PREDICT_WAIT_S``. Tasks still running then get an empty prediction whose
+missing task (or joins the job already computing it), and waits (one blocking ``XREAD`` over all of them) on each
+task's ready stream and its job's RQ result stream, until ``PREDICT_WAIT_S``. The worker appends to the ready stream
+in the same round trip that caches the prediction, before it does RQ's success bookkeeping (a transaction of about
+a dozen commands per job, several milliseconds for a batch of 16): the answer does not wait for that. A job that
+fails never writes its ready stream; its failed RQ result wakes the wait instead. Tasks still running then get an empty prediction whose
 ``model_version`` ends in ``-pending``: Label Studio stores it under that other version, so the next request for
 the task (opening it, "Retrieve predictions") asks again and is answered from the cache.
 
@@ -44,6 +49,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.results import Result
+from rq.utils import now
 
 from ml_backend.formats import empty_prediction
 from ml_backend.seams import (
@@ -69,6 +75,8 @@ ZERO_SHOT = "zeroshot"
 PENDING_SUFFIX = "-pending"
 WAITING_STATUSES = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 ALIVE_STATUSES = (*WAITING_STATUSES, JobStatus.STARTED)
+READY_TTL_S = 600
+"""lifetime of a task's ready stream: only requests waiting while its job runs read it (later ones hit the cache)"""
 
 
 _digests: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
@@ -104,6 +112,20 @@ def prediction_cache_key(prefix: str, project_id: int, task_id: Any, image_diges
                          config_hash: str) -> str:
     """Redis key of one task's cached prediction."""
     return f"{prefix}:pred:{project_id}:{task_id}:{image_digest}:{model_version}:{config_hash}"
+
+
+def _cache_digest(cache_key: str) -> str:
+    return hashlib.sha256(cache_key.encode()).hexdigest()[:24]
+
+
+def predict_job_marker_key(prefix: str, cache_key: str) -> str:
+    """Redis key holding the id of the predict job computing ``cache_key``."""
+    return f"{prefix}:predjob:{_cache_digest(cache_key)}"
+
+
+def prediction_ready_key(prefix: str, cache_key: str) -> str:
+    """Redis stream the worker appends to once ``cache_key`` holds the task's prediction."""
+    return f"{prefix}:predready:{_cache_digest(cache_key)}"
 
 
 def job_status(job: Job) -> str | None:
@@ -165,7 +187,8 @@ class QueuePredictor:
         if not missing:
             return answers
         jobs = self._jobs_for(request, keys, missing)
-        self._wait(jobs, time.monotonic() + s.predict_wait_s)
+        ready = [prediction_ready_key(self.prefix, keys[i]) for i in missing]
+        self._wait(jobs, ready, time.monotonic() + s.predict_wait_s)
         self._fill_from_cache(keys, answers)
         late = 0
         for i, job in zip(missing, jobs, strict=True):
@@ -198,21 +221,20 @@ class QueuePredictor:
     def _jobs_for(self, request: PredictionRequest, keys: Sequence[str], missing: Sequence[int]) -> list[Job]:
         """The job computing each missing task: an existing live one, or a new one (enqueued in one pipeline)."""
         s = self.settings
-        marker_keys = [f"{self.prefix}:predjob:{hashlib.sha256(keys[i].encode()).hexdigest()[:24]}" for i in missing]
+        marker_keys = [predict_job_marker_key(self.prefix, keys[i]) for i in missing]
         known = self.redis.mget(marker_keys)
         jobs: list[Job | None] = []
         for job_id in known:
             job = fetch_job(self.redis, _text(job_id))
             jobs.append(job if job is not None and job_status(job) in {st.value for st in ALIVE_STATUSES} else None)
-        new: list[Any] = []
+        new: list[Job] = []
         new_index: list[int] = []
         config = request.config.to_json()
         for n, i in enumerate(missing):
             if jobs[n] is not None:
                 continue
             task = request.tasks[i]
-            job_id = f"predict-{request.project_id}-{task.get('id')}-{uuid.uuid4().hex[:12]}"
-            new.append(Queue.prepare_data(
+            new.append(self.queue.create_job(
                 PREDICT_JOB,
                 kwargs={
                     "project_id": request.project_id,
@@ -222,45 +244,72 @@ class QueuePredictor:
                     "model_version": request.model_version,
                     "policy_versions": dict(request.policy_versions),
                     "cache_key": keys[i],
+                    "ready_key": prediction_ready_key(self.prefix, keys[i]),
                 },
                 timeout=s.predict_job_timeout_s,
                 result_ttl=600,
                 failure_ttl=24 * 3600,
                 ttl=max(s.predict_cache_ttl_s, 3600),
-                job_id=job_id,
+                job_id=f"predict-{request.project_id}-{task.get('id')}-{uuid.uuid4().hex[:12]}",
                 description=f"predict project {request.project_id} task {task.get('id')}",
+                status=JobStatus.QUEUED,
             ))
             new_index.append(n)
         if new:
-            with self.redis.pipeline() as pipe:
-                created = self.queue.enqueue_many(new, pipeline=pipe)
-                for n, job in zip(new_index, created, strict=True):
-                    pipe.set(marker_keys[n], job.id, ex=max(s.predict_job_timeout_s * 2, 3600))
-                pipe.execute()
-            for n, job in zip(new_index, created, strict=True):
+            self._enqueue(new, [marker_keys[n] for n in new_index], max(s.predict_job_timeout_s * 2, 3600))
+            for n, job in zip(new_index, new, strict=True):
                 jobs[n] = job
             self._count("predict_jobs_enqueued", len(new))
         return [j for j in jobs if j is not None]
 
-    def _wait(self, jobs: Sequence[Job], deadline: float) -> None:
-        """Block on the jobs' RQ result streams until all have a result or the deadline passes.
+    def _enqueue(self, jobs: Sequence[Job], marker_keys: Sequence[str], marker_ttl: int) -> None:
+        """Put new predict jobs (no dependencies, callbacks or repeats) on the queue in one round trip.
+
+        Writes what RQ's ``Queue.enqueue_many`` writes for such jobs (the job hash, with status ``queued``, its
+        expiry, the queue's entry in ``rq:queues`` and the ids pushed in order) but as one plain pipeline of
+        ~3 commands per job instead of a MULTI/EXEC of ~6 (status written separately, expiries on dependency keys
+        these jobs never have), about 2 ms less for 16 tasks. Hashes go before the ids, so a worker never pops an
+        id whose hash is missing. rq is pinned (3.0): the hash layout is its ``Job.to_dict``.
+        """
+        queue = self.queue
+        version = queue.get_redis_server_version()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(queue.redis_queues_keys, queue.key)
+            for job, marker in zip(jobs, marker_keys, strict=True):
+                job.origin = queue.name
+                job.enqueued_at = now()
+                job.redis_server_version = version
+                pipe.hset(job.key, mapping=job.to_dict())
+                if job.ttl:
+                    pipe.expire(job.key, job.ttl)
+                pipe.set(marker, job.id, ex=marker_ttl)
+            pipe.rpush(queue.key, *[job.id for job in jobs])
+            pipe.execute()
+
+    def _wait(self, jobs: Sequence[Job], ready_keys: Sequence[str], deadline: float) -> None:
+        """Block until every job's task is ready (its ready stream or its RQ result stream has an entry) or the
+        deadline passes.
 
         Each blocking read lasts at most a second (less when the connection's socket timeout is shorter): a
         connection may carry a socket timeout (``?socket_timeout=`` in REDIS_URL; RQ's ``Worker`` sets one on any
         pool it is given, 5 s for connections opened after that, e.g. on reconnecting after a Redis restart), and
         a long wait must never be mistaken for a dead Redis.
         """
-        pending = {Result.get_key(job.id) for job in jobs}
+        owner: dict[str, int] = {}
+        for n, (job, ready) in enumerate(zip(jobs, ready_keys, strict=True)):
+            owner[Result.get_key(job.id)] = n
+            owner[ready] = n
+        waiting = set(range(len(jobs)))
         socket_timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
         slice_ms = min(1000, max(int(float(socket_timeout) * 500), 1)) if socket_timeout else 1000
-        while pending:
+        while waiting:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 return
-            block = min(left_ms, slice_ms)
-            response = self.redis.xread({key: "0-0" for key in pending}, block=block)
+            streams = {key: "0-0" for key, n in owner.items() if n in waiting}
+            response = self.redis.xread(streams, block=min(left_ms, slice_ms))
             for stream, _entries in response or ():
-                pending.discard(_text(stream))
+                waiting.discard(owner[_text(stream)])
 
     def _count(self, counter: str, by: int) -> None:
         if by:

@@ -64,11 +64,19 @@ from workers.models import load_models, set_models
 logger = logging.getLogger(__name__)
 
 # Take this worker's share of the jobs waiting in a queue and return (id, job hash) pairs, atomically.
-# KEYS: queue list, its intermediate list, the set of workers on the queue. ARGV: most jobs, 1 = move the ids to
-# the intermediate list (else pop them), job key prefix.
+# KEYS: queue list, its intermediate list, the set of workers on the queue, this worker's hash. ARGV: most jobs,
+# 1 = move the ids to the intermediate list (else pop them), job key prefix.
+# The share splits what waits, plus the job this worker already holds, evenly over the workers on the queue that are
+# not busy (this one included), and marks this worker busy in the same step, so a worker claiming right after sees
+# one fewer idle worker: a burst of 32 tasks on two idle workers is split 16 / 16.
 _CLAIM_LUA = """
-local workers = math.max(redis.call('SCARD', KEYS[3]), 1)
-local n = math.min(tonumber(ARGV[1]), math.ceil(redis.call('LLEN', KEYS[1]) / workers))
+local idle = 0
+for _, worker in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if worker == KEYS[4] or redis.call('HGET', worker, 'state') ~= 'busy' then idle = idle + 1 end
+end
+idle = math.max(idle, 1)
+local n = math.min(tonumber(ARGV[1]), math.ceil((redis.call('LLEN', KEYS[1]) + 1) / idle) - 1)
+redis.call('HSET', KEYS[4], 'state', 'busy')
 local out = {}
 for _ = 1, n do
   local id
@@ -153,8 +161,9 @@ class AlignSamWorker(SimpleWorker):
     def _claim_waiting(self, queue: Queue, limit: int) -> list[Job]:
         """Up to ``limit`` more jobs waiting in ``queue``, taken off it as RQ's dequeue does, in one round trip.
 
-        Takes at most this worker's fair share of what waits (``ceil(waiting / workers on the queue)``), so
-        with several workers a burst of tasks is still split between them.
+        Takes at most this worker's fair share: with ``W`` workers on the queue not busy (this one included) and
+        ``n`` jobs waiting, this worker ends up with ``ceil((n + 1) / W)`` jobs, so with several workers a burst of
+        tasks is split evenly between them.
         """
         conn = self.connection
         if self._claim_script is None:
@@ -163,7 +172,7 @@ class AlignSamWorker(SimpleWorker):
         # it in prepare_job_execution), a worker on several pops them.
         intermediate = len(self.queues) == 1 and get_version(conn) >= (6, 2, 0)
         flat = self._claim_script(
-            keys=[queue.key, queue.intermediate_queue_key, WORKERS_BY_QUEUE_KEY % queue.name],
+            keys=[queue.key, queue.intermediate_queue_key, WORKERS_BY_QUEUE_KEY % queue.name, self.key],
             args=[limit, int(intermediate), Job.redis_job_namespace_prefix],
         )
         jobs = []

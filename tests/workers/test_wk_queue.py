@@ -17,7 +17,7 @@ from redis import Redis
 from rq.job import Job
 from wk_helpers import LABEL_CONFIG, FakeLabelStudio, WorkerProcess, setup_project, wait_for, worker_env
 
-from ml_backend.queue import PENDING_SUFFIX, TRAIN_QUEUE
+from ml_backend.queue import PENDING_SUFFIX, TRAIN_QUEUE, prediction_ready_key
 from ml_backend.settings import Settings
 from ml_backend.state import ProjectStore
 from workers.models import bundle_path
@@ -74,6 +74,16 @@ def test_predict_8_tasks_in_order_through_the_queue(
         assert json.loads(redis.get(key)) == result
         assert result["result"] and result["result"][0]["type"] == "brushlabels"
     assert len({json.dumps(r["result"][0]["value"]["rle"]) for r in results}) > 1  # not one answer copied 8 times
+    # /predict answered from the ready streams; each job still gets its RQ result (a moment later), and the idle
+    # worker ran the 8 jobs, enqueued in one round trip, as one batch.
+    ids = [k.decode().split(":")[-1] for k in redis.scan_iter(f"rq:job:predict-{project_id}-*")
+           if k.decode().count(":") == 2]
+    assert len(ids) == 8
+    jobs = [Job.fetch(i, connection=redis) for i in ids]
+    wait_for(lambda: all(j.latest_result() is not None for j in jobs), 30, "the jobs' RQ results")
+    assert [j.latest_result().return_value["batch"] for j in jobs] == [8] * 8
+    for key in redis.scan_iter(f"alignsam:pred:{project_id}:*"):
+        assert redis.xlen(prediction_ready_key("alignsam", key.decode())) == 1
     hits_before = int(redis.hget("alignsam:metrics", "predict_cache_hits") or 0)
     again = predict(client, project_id, tasks)
     assert again == results
