@@ -142,23 +142,33 @@ class PromptAgent(nn.Module):
         if self.projection is not None:
             self.projection.fit(embeddings, seed=seed)
 
+    @torch.no_grad()
+    def project(self, embeddings: Tensor) -> Tensor:
+        """``(N, C, h, w)`` embeddings -> ``(N, r, h, w)`` in the agent's dtype, for :meth:`pool_state` (the
+        embeddings themselves, in that dtype, without a projection)."""
+        embeddings = embeddings.to(self.stem.weight.dtype)
+        return self.projection(embeddings) if self.projection is not None else embeddings
+
     def pool_state(self, embedding: Tensor, prev_mask: Tensor) -> Tensor:
         """Form the state ``F_I * M_{t-1}``, average-pool it to the action grid and project it. No trained
         parameters.
 
         Arguments:
-          embedding (Tensor): (B, C, h, w) SAM image embeddings F_I.
+          embedding (Tensor): (B, C, h, w) SAM image embeddings F_I, or (B, r, h, w) embeddings already
+            projected by :meth:`project` (the same state: the projection commutes with the product and the pooling;
+            the trainer projects each image once per run instead of every state at every step).
           prev_mask (Tensor): (B, 1, h, w) previous mask probability M_{t-1} in [0, 1].
 
         Returns:
           (Tensor): (B, r+1, grid_h, grid_w), the pooled state with the pooled mask as its last channel.
         """
-        if embedding.shape[1] != self.embed_dim:
+        projected = self.projection is not None and embedding.shape[1] == self.projection.rank
+        if embedding.shape[1] != self.embed_dim and not projected:
             raise ValueError(f"embedding has {embedding.shape[1]} channels, agent expects {self.embed_dim}")
         dtype = self.stem.weight.dtype  # e.g. float16 cached embeddings, float32 agent
         embedding, prev_mask = embedding.to(dtype), prev_mask.to(dtype)
         pooled = F.adaptive_avg_pool2d(embedding * prev_mask, self.grid)
-        if self.projection is not None:
+        if self.projection is not None and not projected:
             pooled = self.projection(pooled)
         return torch.cat([pooled, F.adaptive_avg_pool2d(prev_mask, self.grid)], dim=1)
 

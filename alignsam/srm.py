@@ -197,8 +197,17 @@ class SRM(nn.Module):
     def _work_size(self, h: int, w: int) -> tuple[int, int]:
         return min(h, self.work_grid), min(w, self.work_grid)
 
+    @torch.no_grad()
+    def project(self, embeddings: Tensor) -> Tensor:
+        """``(N, C, h, w)`` embeddings -> ``(N, r, h, w)`` in the SRM's dtype: every method that reads embeddings
+        also accepts these (the same states; the projection commutes with the product and the pooling), so a
+        trainer projects each image once per run (the embeddings themselves, in that dtype, without a projection)."""
+        embeddings = embeddings.to(self.mask_head.weight.dtype)
+        return self.projection(embeddings) if self.projection is not None else embeddings
+
     def _pool_product(self, embedding: Tensor, attention_map: Tensor) -> Tensor:
-        if embedding.shape[1] != self.embed_dim:
+        projected = self.projection is not None and embedding.shape[1] == self.projection.rank
+        if embedding.shape[1] != self.embed_dim and not projected:
             raise ValueError(f"embedding has {embedding.shape[1]} channels, SRM expects {self.embed_dim}")
         dtype = self.mask_head.weight.dtype  # e.g. float16 cached embeddings, float32 SRM
         embedding, attention_map = embedding.to(dtype), attention_map.to(dtype)
@@ -211,7 +220,7 @@ class SRM(nn.Module):
         product = embedding * attention_map
         if size != tuple(embedding.shape[-2:]):
             product, attention_map = F.adaptive_avg_pool2d(product, size), F.adaptive_avg_pool2d(attention_map, size)
-        if self.projection is not None:  # linear per position: commutes with the pooling (exact)
+        if self.projection is not None and not projected:  # linear per position: commutes with the pooling
             product = self.projection(product)
         return torch.cat([product, attention_map], dim=1)
 

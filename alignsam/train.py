@@ -14,6 +14,7 @@ by measurement.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -184,6 +185,11 @@ def evaluate_policy(
     return {"miou": float(np.mean(ious)), "fr": float(np.mean(frs)) if frs else 0.0, "n": len(ious)}
 
 
+def _same_projection(agent: PromptAgent, srm: SRM) -> bool:
+    a, b = agent.projection, srm.projection
+    return a is not None and b is not None and a.weight.dtype == b.weight.dtype and torch.equal(a.weight, b.weight)
+
+
 def train_branch(
     sam: FrozenSam,
     enc: Encoded,
@@ -207,12 +213,18 @@ def train_branch(
     train_embeddings = enc.embeddings[torch.tensor(train_idx, device=enc.embeddings.device)]
     agent.fit_projection(train_embeddings, seed=cfg.seed)
     srm.fit_projection(train_embeddings, seed=cfg.seed)
+    # Every image's embedding is projected once for the run: the rollouts, the K PPO epochs and the SRM updates
+    # then build each state from r channels instead of C (the same states: see PromptAgent.pool_state).
+    agent_emb = agent.project(enc.embeddings)
+    srm_emb = agent_emb if _same_projection(agent, srm) else srm.project(enc.embeddings)
+    srm_in_run = copy.copy(srm_in)
+    srm_in_run.embeddings = srm_emb
     opt_agent = torch.optim.Adam(agent.parameters(), lr=cfg.ppo.lr)
     opt_srm = torch.optim.Adam(srm.parameters(), lr=cfg.srm.lr)
     semantic = None
     if branch == "explicit":
         with torch.no_grad():  # the semantic state is constant per image: pool it once
-            semantic = srm.pool_semantic(enc.embeddings, srm_in.clip)
+            semantic = srm.pool_semantic(srm_emb, srm_in.clip)
     env = PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
     train = torch.tensor(train_idx, device=dev)
     steps = cfg.ppo.steps
@@ -221,7 +233,7 @@ def train_branch(
 
     def srm_step(idx: torch.Tensor, prev: torch.Tensor | None) -> float:
         """The paper's M SRM updates against the ground truth, after an action (or at the blank state)."""
-        emb = srm_in.embeddings[idx]
+        emb = srm_emb[idx]
         prev = torch.ones_like(emb[:, :1]) if prev is None else prev
         sem = semantic[idx] if semantic is not None else None
         return srm_update(srm, opt_srm, emb, prev, None, srm_in.gt[idx], srm_cfg, semantic=sem)
@@ -243,12 +255,12 @@ def train_branch(
         for t in range(steps):
             with _Timer(timings, "rollout_other", dev):
                 prev, hist = env.prev_mask, env.history.clone()
-                action, logprob, value = agent.act(env.embeddings[idx], prev, hist,
+                action, logprob, value = agent.act(agent_emb[idx], prev, hist,
                                                    mask_repeats=cfg.ppo.mask_repeats, generator=gen)
                 xy = env.action_xy[idx, action]
                 if cfg.point_labels == "srm":
                     srm.eval()
-                    labels = srm_point_labels(sam, srm_in, srm, idx, prev, xy, [enc.sizes[i] for i in idx.tolist()])
+                    labels = srm_point_labels(sam, srm_in_run, srm, idx, prev, xy, [enc.sizes[i] for i in idx.tolist()])
                 else:
                     labels = env.gt_at(action).long()
             with _Timer(timings, "rollout_decode", dev):
@@ -258,7 +270,7 @@ def train_branch(
             with _Timer(timings, "srm_updates", dev):
                 srm_losses.append(srm_step(idx, env.prev_mask))
         with _Timer(timings, "ppo_updates", dev):
-            stats = ppo_update(agent, opt_agent, buffer, enc.embeddings, cfg.ppo, generator=gen)
+            stats = ppo_update(agent, opt_agent, buffer, agent_emb, cfg.ppo, generator=gen)
         record = {
             "branch": branch,
             "episode": episode + 1,
