@@ -8,29 +8,39 @@ The trainer prompts SAM at the chosen cell's centre.
 Architecture (and why it differs from a plain "convs at the embedding resolution" network)::
 
     [P(F_I * M), M]  (B, r+1, h, w)           P: a fixed projection onto r of C channels (alignsam.projection)
-      -> adaptive average pool to the action grid, one token per cell   (B, A, r+1)   parameter-free, see below
-      -> stem: linear -> LayerNorm -> ReLU                                (B, A, hidden)
-      -> context block: f + ReLU(W_s f + box3x3(W_c f))                  each cell sees its 8 neighbours
-      -> policy head: ReLU(W_f f + W_g mean(f) + w_h history) -> linear  one logit per cell
+      -> adaptive average pool to the action grid, one token per cell       (B, A, r+1)   parameter-free
+      -> with each cell's 3x3 neighbourhood mean appended                   (B, A, 2r+2)  parameter-free
+      -> stem: ReLU(LayerNorm(W x + w_h history + b))                       (B, A, hidden)
+      -> policy head: ReLU(W_f f + W_g mean(f)) -> linear                   one logit per cell
       -> value head: MLP on [mean(f), history] -> scalar
 
 * Cost is the design constraint. PPO runs K=20 epochs of forward+backward over every stored step, and the
   issue caps everything that is not SAM at +50% over SAM's decoder calls, for vit_b (decoder ~220 ms per
-  sample on one CPU thread) and for the ``small`` preset (~3 ms). Measured on one CPU thread, one PPO epoch over
-  750 steps: the first design (1x1 conv stem on all 257 channels, two 3x3 convs, 64 wide) 1270 ms; this one
-  (r=32, 32 wide) ~140 ms. Three things buy that: the projection (the stem reads 33 channels, not 257); linear
-  layers over cell tokens instead of small convolutions (oneDNN convolutions on a 10 x 10 grid run at a few
-  GFLOP/s); and per-cell sums instead of concatenations (``W [a; b] = W_a a + W_b b`` without materialising
-  ``[a; b]``). ``benchmarks/results/policy_choices.md`` has what it costs in learning.
+  sample on one CPU thread) and for the ``small`` preset (~3 ms). On one CPU thread an epoch over 750 steps
+  (75,000 cell tokens) is memory-bound: every elementwise op over the tokens costs about a millisecond, so the
+  network is as few token-sized ops as will learn. Measured per epoch over 750 steps: the first design (1x1
+  conv stem on all 257 channels, two 3x3 convs, 64 wide) 1270 ms; the second (stem + LayerNorm, a residual
+  context block with a box-filtered neighbour term, 32 wide) ~115 ms, 58 ms at 16 wide; this one 54 ms at 32
+  wide and 26 ms at 16 wide (the default). ``benchmarks/results/policy_choices.md`` has what the width costs in
+  learning, ``tests/test_quality.py`` and ``benchmarks/results/quality.md`` what the agent achieves. What buys it:
+  the projection (the stem reads 2r+2 = 66 channels, not 2 x 257); linear layers over cell tokens instead of
+  small convolutions (oneDNN convolutions on a 10 x 10 grid run at a few GFLOP/s); the neighbourhood entering
+  as parameter-free input channels (computed once per PPO update) instead of a box filter over hidden
+  features in every epoch; history as a rank-1 term fused into one ``addcmul``; sums instead of
+  concatenations (``W [a; b] = W_a a + W_b b`` without materialising ``[a; b]``); channels-last pooled states,
+  so the cell tokens are a view. Without the LayerNorm (-15% per epoch) the agent learned worse in the
+  learning test (held-out FR 0.78 against 0.88), and normalising the input tokens instead would show the
+  agent F_I where the mask is faint, which is not the paper's state.
 * A linear map commutes with average pooling, so pooling the state to the action grid first and then applying
   the stem (and the projection) is exactly the same function as stem-then-pool, at (h*w)/A less compute.
-  Because pooling and projection have no trained parameters, :meth:`PromptAgent.pool_state` runs once per PPO
-  update under ``no_grad`` and the K epochs reuse its output.
+  Because pooling, projection and the neighbourhood mean have no trained parameters,
+  :meth:`PromptAgent.pool_state` runs once per PPO update under ``no_grad`` and the K epochs reuse its output.
 * LayerNorm over each cell's channels, no BatchNorm and no attention across samples: a sample's logits never
   depend on the other samples in its batch (rollout and update see the same policy).
 * The global-mean features enter every cell's logit, so a cell is scored relative to the whole image (what the
-  current mask believes the target looks like), which a purely local head cannot do.
-* History: with ``use_history`` the map of already-chosen cells enters the policy head and the value input (it
+  current mask believes the target looks like), which a purely local head cannot do; the neighbourhood channels
+  let a cell's score depend on what surrounds it.
+* History: with ``use_history`` the map of already-chosen cells enters the stem and the value input (it
   also tells the critic how far into the episode it is). Independently, :func:`masked_logits` forbids repeats
   outright; both are on by default and can be switched off to measure.
 """
@@ -109,13 +119,11 @@ class PromptAgent(nn.Module):
         )
         state_dim = (state_channels if self.projection is not None else embed_dim) + 1
 
-        self.stem = nn.Linear(state_dim, hidden)
+        self.stem = nn.Linear(2 * state_dim, hidden)  # the cell's state and its 3x3 neighbourhood mean
+        self.stem_history = nn.Parameter(torch.zeros(hidden)) if use_history else None
         self.stem_norm = nn.LayerNorm(hidden)
-        self.context_self = nn.Linear(hidden, hidden)
-        self.context_neighbours = nn.Linear(hidden, hidden, bias=False)
         self.policy_cell = nn.Linear(hidden, hidden)
         self.policy_global = nn.Linear(hidden, hidden, bias=False)
-        self.policy_history = nn.Parameter(torch.zeros(hidden)) if use_history else None
         self.policy_out = nn.Linear(hidden, 1)
         history_features = self.num_actions if use_history else 0
         self.value_head = nn.Sequential(
@@ -133,8 +141,8 @@ class PromptAgent(nn.Module):
         last_value = self.value_head[-1]
         nn.init.orthogonal_(last_value.weight, gain=1.0)
         nn.init.zeros_(last_value.bias)
-        if self.policy_history is not None:
-            nn.init.normal_(self.policy_history, std=0.1)
+        if self.stem_history is not None:
+            nn.init.normal_(self.stem_history, std=0.1)
 
     @torch.no_grad()
     def fit_projection(self, embeddings: Tensor, seed: int = 0) -> None:
@@ -160,7 +168,8 @@ class PromptAgent(nn.Module):
           prev_mask (Tensor): (B, 1, h, w) previous mask probability M_{t-1} in [0, 1].
 
         Returns:
-          (Tensor): (B, r+1, grid_h, grid_w), the pooled state with the pooled mask as its last channel.
+          (Tensor): (B, 2r+2, grid_h, grid_w): the pooled state (r channels, then the pooled mask), then the
+            mean of the same r+1 channels over each cell's 3x3 neighbourhood (the cells that exist, at borders).
         """
         projected = self.projection is not None and embedding.shape[1] == self.projection.rank
         if embedding.shape[1] != self.embed_dim and not projected:
@@ -170,35 +179,35 @@ class PromptAgent(nn.Module):
         pooled = F.adaptive_avg_pool2d(embedding * prev_mask, self.grid)
         if self.projection is not None and not projected:
             pooled = self.projection(pooled)
-        return torch.cat([pooled, F.adaptive_avg_pool2d(prev_mask, self.grid)], dim=1)
+        state = torch.cat([pooled, F.adaptive_avg_pool2d(prev_mask, self.grid)], dim=1)
+        neighbours = F.avg_pool2d(state, 3, stride=1, padding=1, count_include_pad=False)  # borders: what exists
+        # Channels-last memory: forward_pooled's cell tokens (B, A, 2r+2) are then a view, not a copy per epoch.
+        return torch.cat([state, neighbours], dim=1).contiguous(memory_format=torch.channels_last)
 
     def forward_pooled(self, pooled: Tensor, history: Tensor) -> tuple[Tensor, Tensor]:
         """Policy logits and value from an already pooled state (see :meth:`pool_state`).
 
         Arguments:
-          pooled (Tensor): (B, r+1, grid_h, grid_w) from :meth:`pool_state`.
+          pooled (Tensor): (B, 2r+2, grid_h, grid_w) from :meth:`pool_state`.
           history (Tensor): (B, A), 1.0 where the action was already chosen this episode, else 0.
 
         Returns:
           (Tensor): (B, A) raw policy logits (apply :func:`policy_distribution` to sample).
           (Tensor): (B,) state value V(s_t).
         """
-        batch = pooled.shape[0]
-        gh, gw = self.grid
-        tokens = pooled.flatten(2).transpose(1, 2)  # B x A x (r+1)
-        f = F.relu(self.stem_norm(self.stem(tokens)))  # B x A x hidden
-        # Context: each cell adds a projection of the mean of its 3x3 neighbourhood (borders: of what exists).
-        neighbours = self.context_neighbours(f).transpose(1, 2).reshape(batch, self.hidden, gh, gw)
-        neighbours = F.avg_pool2d(neighbours, 3, stride=1, padding=1, count_include_pad=False)
-        f = f + F.relu(self.context_self(f) + neighbours.flatten(2).transpose(1, 2))
-        global_features = f.mean(dim=1)  # B x hidden
-        z = self.policy_cell(f) + self.policy_global(global_features)[:, None]
-        value_inputs = [global_features]
-        if self.policy_history is not None:
+        tokens = pooled.flatten(2).transpose(1, 2)  # B x A x (2r+2)
+        f = self.stem(tokens)
+        value_inputs: list[Tensor] = []
+        if self.stem_history is not None:
             history = history.to(f.dtype)
-            z = z + history[:, :, None] * self.policy_history
+            f = torch.addcmul(f, history[:, :, None], self.stem_history)
+        f = F.relu(self.stem_norm(f))  # B x A x hidden
+        global_features = f.mean(dim=1)  # B x hidden
+        z = F.relu(self.policy_cell(f) + self.policy_global(global_features)[:, None])
+        logits = self.policy_out(z).squeeze(2)
+        value_inputs.append(global_features)
+        if self.stem_history is not None:
             value_inputs.append(history)
-        logits = self.policy_out(F.relu(z)).squeeze(2)
         value = self.value_head(torch.cat(value_inputs, dim=1)).squeeze(1)
         return logits, value
 

@@ -27,7 +27,8 @@ from alignsam.srm import SRM
 from alignsam.train import TrainConfig, TrainedPolicy, make_srm
 
 FORMAT = "alignsam-policy"
-FORMAT_VERSION = 2  # 2: agent and SRM read projected states (alignsam.projection)
+FORMAT_VERSION = 3  # 2: agent and SRM read projected states (alignsam.projection); 3: the agent's stem reads the
+# cell's 3x3 neighbourhood and its history (no LayerNorm, no context block)
 
 
 @dataclass
@@ -138,8 +139,8 @@ def load_bundle(path: str | os.PathLike, sam: FrozenSam | None = None, device: s
         raise BundleError(f"{p} has bundle format {meta['format_version']}; this version reads up to {FORMAT_VERSION}")
     if meta.get("format_version", 0) < FORMAT_VERSION:
         raise BundleError(
-            f"{p} has bundle format {meta.get('format_version', 0)}, from an older AlignSAM whose agent and SRM "
-            f"read unprojected states; retrain the policy (format {FORMAT_VERSION})"
+            f"{p} has bundle format {meta.get('format_version', 0)}, from an older AlignSAM whose prompt agent "
+            f"had another architecture; retrain the policy (format {FORMAT_VERSION})"
         )
     if sam is not None:
         if meta["sam_preset"] != sam.spec.name:

@@ -48,7 +48,7 @@ class TrainConfig:
     srm: SRMConfig = field(default_factory=SRMConfig)
     grid: tuple[int, int] = (10, 10)
     branch: Literal["implicit", "explicit", "auto"] = "auto"
-    agent_hidden: int = 32
+    agent_hidden: int = 16
     # r: SAM embedding channels the agent keeps (a fixed projection fitted per run; None: all). See
     # alignsam.projection and benchmarks/results/policy_choices.md.
     agent_state_channels: int | None = 32

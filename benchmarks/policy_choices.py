@@ -4,7 +4,7 @@
   agent the map of its past actions (`use_history`);
 - feeding SAM's previous low-res logits back as `mask_input` (`use_mask_input`);
 - the cost side of the networks: the fixed state projection (`agent_state_channels`, `srm.state_channels`:
-  r of SAM's 256 channels, None = all, see alignsam.projection) and the agent's width (`agent_hidden`).
+  r of SAM's 256 channels, None = all, see alignsam.projection) and the agent's width (`agent_hidden`, 16 by default).
 
 Each variant is trained on the same synthetic train split with the same seed and evaluated on the
 same held-out images: mIoU, FR, and the share of distinct patches among the T chosen ones.
@@ -35,7 +35,7 @@ VARIANTS: dict[str, dict] = {
     "mask repeats + history (default)": {"mask_repeats": True, "use_history": True},
     "all 256 channels (no projection)": {"state_channels": None},
     "projection r=16": {"state_channels": 16},
-    "agent width 16": {"agent_hidden": 16},
+    "agent width 32": {"agent_hidden": 32},
     "mask repeats only": {"mask_repeats": True, "use_history": False},
     "history only": {"mask_repeats": False, "use_history": True},
     "neither": {"mask_repeats": False, "use_history": False},

@@ -73,11 +73,14 @@ def test_history_channel_is_row_major() -> None:
     grid = (3, 5)
     agent = PromptAgent(4, grid=grid, hidden=8, use_history=True)
     with torch.no_grad():
+        agent.stem.weight.zero_()
+        agent.stem.bias.zero_()
+        agent.stem_history.zero_()
+        agent.stem_history[0] = 1.0  # hidden unit 0 <- history bit
         agent.policy_cell.weight.zero_()
         agent.policy_cell.bias.zero_()
+        agent.policy_cell.weight[0, 0] = 1.0
         agent.policy_global.weight.zero_()
-        agent.policy_history.zero_()
-        agent.policy_history[0] = 1.0  # hidden unit 0 <- history bit
         agent.policy_out.weight.zero_()
         agent.policy_out.bias.zero_()
         agent.policy_out.weight[0, 0] = 1.0

@@ -62,7 +62,13 @@ def test_agent_state_equals_pooling_a_state_built_from_projected_embeddings():
     agent.fit_projection(emb)
     projected = agent.projection(emb)  # (P F) at full resolution, then the state and the pooling
     expected = torch.cat([F.adaptive_avg_pool2d(projected * mask, (5, 5)), F.adaptive_avg_pool2d(mask, (5, 5))], 1)
-    torch.testing.assert_close(agent.pool_state(emb, mask), expected, atol=1e-5, rtol=1e-5)
+    pooled = agent.pool_state(emb, mask)
+    torch.testing.assert_close(pooled[:, :7], expected, atol=1e-5, rtol=1e-5)
+    # ... followed by each cell's 3x3 neighbourhood mean (the cells that exist): the corner cell averages 4 cells.
+    torch.testing.assert_close(pooled[:, 7:, 0, 0], expected[:, :, :2, :2].mean(dim=(2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled[:, 7:, 2, 3], expected[:, :, 1:4, 2:5].mean(dim=(2, 3)), atol=1e-5, rtol=1e-5)
+    # Embeddings projected beforehand (what the trainer does once per run) give the same state.
+    torch.testing.assert_close(agent.pool_state(agent.project(emb), mask), pooled, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("branch", ["implicit", "explicit"])
