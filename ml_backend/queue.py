@@ -16,13 +16,14 @@ Queues: ``predict`` (latency-sensitive, one job per task), ``train`` (one job pe
 ==========================================  ==========================================================
 
 Prediction path: a ``/predict`` answers every task whose prediction is cached at once, enqueues one job per
-missing task (or joins the job already computing it), and waits (one blocking ``XREAD`` over all of them) on each
-task's ready stream and its job's RQ result stream, until ``PREDICT_WAIT_S``. The worker appends to the ready stream
-in the same round trip that caches the prediction, before it does RQ's success bookkeeping (a transaction of about
-a dozen commands per job, several milliseconds for a batch of 16): the answer does not wait for that. A job that
-fails never writes its ready stream; its failed RQ result wakes the wait instead. Tasks still running then get an empty prediction whose
-``model_version`` ends in ``-pending``: Label Studio stores it under that other version, so the next request for
-the task (opening it, "Retrieve predictions") asks again and is answered from the cache.
+missing task (or joins the job already computing it), and waits (one blocking ``XREAD`` over all of them) on
+each task's ready stream and its job's RQ result stream, until ``PREDICT_WAIT_S``. The worker appends to the ready
+stream in the same round trip that caches the prediction, before it does RQ's success bookkeeping (a transaction
+of about a dozen commands per job, several milliseconds for a batch of 16): the answer does not wait for that. A
+job that fails never writes its ready stream; its failed RQ result wakes the wait instead. Tasks still running
+then get an empty prediction whose ``model_version`` ends in ``-pending``: Label Studio stores it under that other
+version, so the next request for the task (opening it, "Retrieve predictions") asks again and is answered from
+the cache.
 
 Training: at most one training job per project is queued or running. A trigger while one is queued joins it (the
 job reads the annotations when it starts); a trigger while one runs queues one follow-up job that depends on it
