@@ -215,8 +215,9 @@ def train_branch(
     srm.fit_projection(train_embeddings, seed=cfg.seed)
     # Every image's embedding is projected once for the run: the rollouts, the K PPO epochs and the SRM updates
     # then build each state from r channels instead of C (the same states: see PromptAgent.pool_state).
-    agent_emb = agent.project(enc.embeddings)
-    srm_emb = agent_emb if _same_projection(agent, srm) else srm.project(enc.embeddings)
+    with _Timer(timings, "rollout_other", dev):  # overhead like the rest: counted
+        agent_emb = agent.project(enc.embeddings)
+        srm_emb = agent_emb if _same_projection(agent, srm) else srm.project(enc.embeddings)
     srm_in_run = copy.copy(srm_in)
     srm_in_run.embeddings = srm_emb
     opt_agent = torch.optim.Adam(agent.parameters(), lr=cfg.ppo.lr)
