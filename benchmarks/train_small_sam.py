@@ -24,22 +24,33 @@ click, mean IoU over region kinds on held-out seeds); the best weights are writt
 in the official SAM state-dict format, and the full training state (for ``--resume``) to
 ``--state``.
 
-Reproduce the committed ``alignsam/assets/sam_small.pth`` (a 65-minute run, a 26-minute continuation
-with a fresh warmup + cosine at a lower peak learning rate, then a 75-minute continuation with 3 corrective
-clicks per step and the previous logits fed back for half of the prompts):
+Reproduce the committed ``alignsam/assets/sam_small.pth``: a 65-minute run, a 26-minute continuation with a fresh
+warmup + cosine at a lower peak learning rate, a 75-minute continuation with 3 corrective clicks per step and the
+previous logits fed back for half of the prompts, then continuations on CPU time (``--clock cpu``) with 5
+corrective clicks per step: two stopped at their first checkpoint (10 CPU minutes each), the last one annealed::
 
-    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --minutes 65 --threads 1 \\
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --minutes 65 --threads 1 \
         --out alignsam/assets/sam_small.pth
-    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state.pt \\
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state.pt \
         --minutes 26 --threads 1 --lr 4e-4 --out alignsam/assets/sam_small.pth
-    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state.pt \\
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state.pt \
         --minutes 75 --threads 1 --lr 4e-4 --rounds 4 --mask-input-prob 0.5 --out alignsam/assets/sam_small.pth
+    # -> /tmp/train_small_sam_state3.pt; then (each stopped after its first checkpoint, at 10 CPU minutes):
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state3.pt \
+        --state /tmp/train_small_sam_state4.pt --minutes 90 --clock cpu --threads 1 --lr 3e-4 --rounds 4 \
+        --mask-input-prob 0.5 --out /tmp/sam_small_run4.pth
+    nice -n 10 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state4.pt \
+        --state /tmp/train_small_sam_state5.pt --minutes 80 --clock cpu --threads 1 --lr 3e-4 --rounds 6 \
+        --mask-input-prob 0.5 --out /tmp/sam_small_run5.pth
+    .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state5.pt \
+        --state /tmp/train_small_sam_state6.pt --minutes 33 --clock cpu --eval-every 11 --threads 1 --lr 2.5e-4 \
+        --rounds 6 --mask-input-prob 0.5 --out /tmp/sam_small_run6.pth   # its final weights are the asset
 
 (the exact command(s) of the committed run, with their timing, are in ``benchmarks/results/small_sam.md``).
 One torch thread on purpose: on a shared 2-core machine a niced 2-thread run stalls at every
 parallel op waiting for the thread that lost its core; the data worker uses the other core.
-The schedule is wall-clock based, so the number of steps (and the result) depends on the CPU
-time the machine grants; the seeds fix the data and the initialisation.
+The schedule counts wall-clock time (or, with ``--clock cpu``, this process's CPU time), so the number of steps
+(and the result) depends on the CPU time the machine grants; the seeds fix the data and the initialisation.
 """
 
 from __future__ import annotations

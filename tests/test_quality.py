@@ -22,14 +22,16 @@ N_TEST = 40
 
 # task -> (mIoU over w/o RL, mIoU over w/o SRM, FR over random actions): the margins this test asserts.
 MARGINS = {
-    "saliency": (0.075, 0.20, 0.19),
-    "semantic:circle": (0.04, 0.21, 0.11),
+    "saliency": (0.025, 0.09, 0.19),
+    "semantic:circle": (0.03, 0.13, 0.11),
 }
-# What these settings measured on the development machine (same order; small SAM small-b80ad260cf2c), for reference.
-# (With the previous, 32-wide agent: saliency (0.154, 0.419, 0.383), semantic:circle (0.081, 0.429, 0.225).)
+# What these settings measured on the development machine (same order; small SAM small-eb4ffe53a12b), for reference.
+# The mIoU gaps are smaller than with the previous, less trained SAM (small-b80ad260cf2c: saliency (0.144, 0.390,
+# 0.378), semantic:circle (0.097, 0.429, 0.218)) because the ablations gained more than AlignSAM: random clicks
+# labelled by the SRM give 0.879 on saliency (was ~0.78) and AlignSAM 0.931 (was ~0.92). The FR gaps are unchanged.
 SEEN = {
-    "saliency": (0.144, 0.390, 0.378),
-    "semantic:circle": (0.097, 0.429, 0.218),
+    "saliency": (0.052, 0.188, 0.373),
+    "semantic:circle": (0.059, 0.269, 0.230),
 }
 
 
