@@ -94,7 +94,7 @@ class PromptAgent(nn.Module):
       embed_dim (int): C, the channel count of SAM's image embedding.
       grid (tuple[int, int]): (grid_h, grid_w) of the action grid; A = grid_h * grid_w.
       hidden (int): channel width.
-      use_history (bool): feed the map of already-chosen actions to the policy and value heads.
+      use_history (bool): feed the map of already-chosen actions to the stem and the value head.
       state_channels (int | None): r, the embedding channels kept by the fixed projection (fit it with
         :meth:`fit_projection`); None or >= C keeps all C channels unprojected.
     """
@@ -103,7 +103,7 @@ class PromptAgent(nn.Module):
         self,
         embed_dim: int,
         grid: tuple[int, int] = (10, 10),
-        hidden: int = 32,
+        hidden: int = 16,
         use_history: bool = True,
         state_channels: int | None = 32,
     ) -> None:
