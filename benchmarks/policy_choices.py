@@ -58,10 +58,10 @@ def main() -> None:
     test_s = [Sample(s.image, s.mask, s.text, f"e{i}") for i, s in enumerate(make_split(args.family, "test", args.test))]
     results: dict[str, object] = {"family": args.family, "episodes": args.episodes, "epochs": args.epochs}
     rows = []
+    base = TrainConfig()
     for name, v in VARIANTS.items():
         if args.only and name not in args.only:
             continue
-        base = TrainConfig()
         rank = v.get("state_channels", base.agent_state_channels)
         cfg = TrainConfig(
             ppo=PPOConfig(episodes=args.episodes, epochs=args.epochs, mask_repeats=v.get("mask_repeats", True)),
@@ -85,7 +85,8 @@ def main() -> None:
         rows.append((name, f"{r['miou']:.4f}", f"{r['fr']:.4f}", f"{r['distinct_actions']:.3f}",
                      f"{r['train_fr_last5']:.3f}", f"{r['seconds']:.0f}", f"{r['ppo_s']:.0f}", f"{r['srm_s']:.0f}"))
     path = write_results("policy_choices", results, rows,
-                         ("variant", "test mIoU", "test FR", "distinct actions", "train FR (last 5 ep.)", "s", "PPO s", "SRM s"), RESULTS)
+                         ("variant", "test mIoU", "test FR", "distinct actions", "train FR (last 5 ep.)", "s",
+                          "PPO s", "SRM s"), RESULTS)
     print(f"wrote {path}")
 
 

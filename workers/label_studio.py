@@ -79,12 +79,14 @@ class LabelStudioClient:
     def tasks(self, project_id: int, only_annotated: bool = False, page_size: int = 100) -> list[dict[str, Any]]:
         """Every task of the project (with annotations and predictions) as plain dicts."""
 
-        def read() -> list[dict[str, Any]]:
-            pager = self.client.tasks.list(project=project_id, fields="all", page_size=page_size,
-                                           only_annotated=only_annotated or None)
-            return [_plain(task) for task in pager]
+        return with_retries(self.settings, f"list tasks of project {project_id}",
+                            lambda: self._read_tasks(project_id, only_annotated, page_size))
 
-        return with_retries(self.settings, f"list tasks of project {project_id}", read)
+    def _read_tasks(self, project_id: int, only_annotated: bool = False, page_size: int = 100) -> list[dict[str, Any]]:
+        """One try of :meth:`tasks` (the callers retry)."""
+        pager = self.client.tasks.list(project=project_id, fields="all", page_size=page_size,
+                                       only_annotated=only_annotated or None)
+        return [_plain(task) for task in pager]
 
     def import_predictions(self, project_id: int, predictions: Sequence[Mapping[str, Any]]) -> int:
         """Create predictions (each with ``task`` and ``model_version``) in one call, retried without duplicates.
@@ -121,8 +123,8 @@ class LabelStudioClient:
 
     def _tasks_with_versions(self, project_id: int, task_ids: set[int]) -> dict[int, set[str]]:
         """model_versions of the predictions of ``task_ids``, read now (one try: the caller retries)."""
-        pager = self.client.tasks.list(project=project_id, fields="all", page_size=100)
-        return {int(t["id"]): prediction_versions(t) for t in map(_plain, pager) if int(t.get("id") or 0) in task_ids}
+        return {int(t["id"]): prediction_versions(t) for t in self._read_tasks(project_id)
+                if int(t.get("id") or 0) in task_ids}
 
 
 def _plain(task: Any) -> dict[str, Any]:
