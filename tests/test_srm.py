@@ -17,6 +17,7 @@ from alignsam.srm import (
     label_points,
     srm_loss,
     srm_update,
+    update_subsets,
 )
 
 
@@ -145,6 +146,42 @@ def test_srm_update_takes_m_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     gt = (prev_prob > 0.5).float()
     loss = srm_update(srm, optimizer, embedding, prev_prob, clip_map, gt, cfg)
     assert len(steps) == 5 and math.isfinite(loss)
+
+
+def test_update_subsets_are_disjoint_until_the_batch_runs_out() -> None:
+    g = torch.Generator().manual_seed(0)
+    five = update_subsets(40, 5, 8, g)  # the explicit branch's M=5 updates of 8 images see 40 images once
+    assert [len(rows) for rows in five] == [8] * 5
+    assert sorted(torch.cat(five).tolist()) == list(range(40))
+    wrap = update_subsets(10, 5, 4, g)  # 20 rows from 10 images: every image twice, none in one update twice
+    assert sorted(torch.cat(wrap).tolist()) == sorted(list(range(10)) * 2)
+    assert all(len(set(rows.tolist())) == 4 for rows in wrap)
+    assert [rows.tolist() for rows in update_subsets(6, 2, None)] == [list(range(6))] * 2
+    assert [rows.tolist() for rows in update_subsets(6, 1, 8)] == [list(range(6))]  # a batch smaller than the subset
+
+
+def test_srm_update_trains_each_update_on_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = SRMConfig(branch="explicit", hidden=16)
+    srm = SRM.from_config(8, cfg)
+    optimizer = torch.optim.Adam(srm.parameters(), lr=cfg.lr)
+    seen = []
+    original = srm.forward_pooled
+    def recording(spatial, semantic, size):
+        seen.append((spatial.clone(), semantic.clone()))
+        return original(spatial, semantic, size)
+
+    monkeypatch.setattr(srm, "forward_pooled", recording)
+    embedding, prev_prob, clip_map = _inputs(6, 8, 16)
+    gt = (prev_prob > 0.5).float()
+    subsets = [torch.tensor([0, 5]), torch.tensor([1]), torch.tensor([2, 3]), torch.tensor([4]), torch.tensor([0])]
+    srm_update(srm, optimizer, embedding, prev_prob, clip_map, gt, cfg, subsets=subsets)
+    spatial, semantic = srm.pool_spatial(embedding, prev_prob), srm.pool_semantic(embedding, clip_map)
+    assert len(seen) == 5
+    for rows, (sp, se) in zip(subsets, seen, strict=True):
+        torch.testing.assert_close(sp, spatial[rows])
+        torch.testing.assert_close(se, semantic[rows])
+    with pytest.raises(ValueError, match="subsets"):
+        srm_update(srm, optimizer, embedding, prev_prob, clip_map, gt, cfg, subsets=subsets[:2])
 
 
 def test_initial_points_are_argmax_and_argmin_as_row_col() -> None:
