@@ -15,7 +15,7 @@ first prompt pair is the SRM's highest- and lowest-scoring positions (:func:`ini
 
 Cost. The SRM is trained M times after every action (paper: M=5 for the explicit branch), so it must be cheap
 next to the SAM decoder call that each action costs (~220 ms per sample for vit_b, ~3 ms for the ``small``
-preset, on one CPU thread). Four choices keep it so:
+preset, on one CPU thread). Five choices keep it so:
 
 * Both states are projected onto r = 32 fixed, whitened principal directions of the run's SAM embeddings
   (:mod:`alignsam.projection`; exact for the stems, which are linear per position), so the stems read 33
@@ -37,10 +37,10 @@ preset, on one CPU thread). Four choices keep it so:
 * Each of the M updates after an action trains on a few images of the rollout batch, not all of it
   (:func:`update_subsets`; 8 images for the implicit branch, 2 for the explicit one's 5 updates). The paper
   steps one image at a time and updates on that image; updating on all B images of a batched rollout would
-  cost B times its SRM work per action. Measured on the CI quality settings (saliency / semantic:circle, E=25,
-  implicit): AlignSAM mIoU 0.931 / 0.611 updating on all 40 images, 0.930 / 0.591 on 8, 0.932 / 0.591 on 4;
-  the SRM-labelled random-click ablation 0.879 / 0.552, 0.888 / 0.552, 0.899 / 0.562 (the SRM labels as well
-  from fewer images per update).
+  cost B times its SRM work per action. Measured on the CI quality settings (E=25, implicit, 3 seeds;
+  ``benchmarks/results/srm_update_images.md``): AlignSAM mIoU saliency / semantic:circle 0.928 / 0.589 training on
+  8 images per update, 0.930 / 0.594 on all 40 (seed-to-seed spread on circle: 0.02-0.04), at a third of the SRM
+  time; the explicit branch: 0.929 / 0.599 on 2 images per update, 0.931 / 0.600 on all 40 (seed 0).
 """
 
 from __future__ import annotations
