@@ -27,7 +27,7 @@ in the official SAM state-dict format, and the full training state (for ``--resu
 Reproduce the committed ``alignsam/assets/sam_small.pth``: a 65-minute run, a 26-minute continuation with a fresh
 warmup + cosine at a lower peak learning rate, a 75-minute continuation with 3 corrective clicks per step and the
 previous logits fed back for half of the prompts, then continuations on CPU time (``--clock cpu``) with 5
-corrective clicks per step: two stopped at their first checkpoint (10 CPU minutes each), the last one annealed::
+corrective clicks per step: two stopped at their first checkpoint (10 CPU minutes each), the last two annealed::
 
     nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --minutes 65 --threads 1 \
         --out alignsam/assets/sam_small.pth
@@ -44,7 +44,12 @@ corrective clicks per step: two stopped at their first checkpoint (10 CPU minute
         --mask-input-prob 0.5 --out /tmp/sam_small_run5.pth
     .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state5.pt \
         --state /tmp/train_small_sam_state6.pt --minutes 33 --clock cpu --eval-every 11 --threads 1 --lr 2.5e-4 \
-        --rounds 6 --mask-input-prob 0.5 --out /tmp/sam_small_run6.pth   # its final weights are the asset
+        --rounds 6 --mask-input-prob 0.5 --out /tmp/sam_small_run6.pth   # its final weights: small-eb4ffe53a12b
+    .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state6.pt \
+        --state /tmp/train_small_sam_state7.pt --minutes 80 --clock cpu --eval-every 20 --threads 1 --lr 2.5e-4 \
+        --rounds 6 --mask-input-prob 0.5 --out /tmp/sam_small_run7.pth
+    # its final weights (the model in /tmp/train_small_sam_state7.pt, written with alignsam.sam.save_checkpoint)
+    # are the asset, small-328ec516b193
 
 (the exact command(s) of the committed run, with their timing, are in ``benchmarks/results/small_sam.md``).
 One torch thread on purpose: on a shared 2-core machine a niced 2-thread run stalls at every
