@@ -29,8 +29,9 @@ MARGINS = {
 # The families are the two where the agent's choice of points still shows in mIoU with this SAM. With the previous,
 # weaker SAM (small-eb4ffe53a12b) this test ran on saliency (gaps 0.052, 0.188, 0.373) and semantic:circle (0.059,
 # 0.269, 0.230); with this one the SRM-labelled random clicks of the w/o-RL ablation nearly catch up there: saliency
-# (0.005, 0.133, 0.378), semantic:circle (0.006, 0.176, 0.218), shadow (0.001, 0.039, 0.178). The agent still clicks
-# the target far more often than random actions on all five (the FR gaps); the full table is benchmarks/results/quality.md.
+# (0.005, 0.133, 0.378), semantic:circle (0.006, 0.176, 0.218), shadow (0.001, 0.039, 0.178). The agent still
+# clicks the target far more often than random actions on all five (the FR gaps); the full table is
+# benchmarks/results/quality.md.
 SEEN = {
     "blur": (0.162, 0.053, 0.567),
     "mirror": (0.068, 0.058, 0.495),
