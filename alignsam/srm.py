@@ -37,11 +37,11 @@ preset, on one CPU thread). Five choices keep it so:
 * Each of the M updates after an action trains on a few images of the rollout batch, not all of it
   (:func:`update_subsets`; 8 images for the implicit branch, 2 for the explicit one's 5 updates). The paper
   steps one image at a time and updates on that image; updating on all B images of a batched rollout would
-  cost B times its SRM work per action. Measured on the CI quality settings (E=25, implicit, 3 seeds, small SAM
-  small-eb4ffe53a12b;
-  ``benchmarks/results/srm_update_images.md``): AlignSAM mIoU saliency / semantic:circle 0.928 / 0.589 training on
-  8 images per update, 0.930 / 0.594 on all 40 (seed-to-seed spread on circle: 0.02-0.04), at a third of the SRM
-  time; the explicit branch: 0.929 / 0.599 on 2 images per update, 0.931 / 0.600 on all 40 (seed 0).
+  cost B times its SRM work per action. Measured on the CI quality settings (E=25, 3 seeds, small SAM
+  small-eb4ffe53a12b; ``benchmarks/results/srm_update_images.md``): implicit AlignSAM mIoU saliency /
+  semantic:circle 0.928 / 0.589 training on 8 images per update, 0.930 / 0.594 on all 40 (seed-to-seed spread on
+  circle: 0.02-0.04), at a third of the SRM time; the explicit branch: 0.929 / 0.599 on 2 images per update,
+  0.931 / 0.600 on all 40 (seed 0).
 """
 
 from __future__ import annotations
