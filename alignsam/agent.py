@@ -184,10 +184,10 @@ class PromptAgent(nn.Module):
             pooled = F.adaptive_avg_pool2d((embedding * prev_mask).contiguous(memory_format=channels_last), self.grid)
             pooled = self.projection(pooled)
             state = torch.cat([pooled, F.adaptive_avg_pool2d(prev_mask, self.grid)], dim=1)
-        else:
+            state = state.contiguous(memory_format=channels_last)
+        else:  # pooling a channels-last input gives a channels-last output
             state = torch.cat([embedding * prev_mask, prev_mask], dim=1).contiguous(memory_format=channels_last)
             state = F.adaptive_avg_pool2d(state, self.grid)
-        state = state.contiguous(memory_format=channels_last)
         neighbours = F.avg_pool2d(state, 3, stride=1, padding=1, count_include_pad=False)  # borders: what exists
         return torch.cat([state, neighbours], dim=1).contiguous(memory_format=channels_last)
 

@@ -421,8 +421,16 @@ def srm_update(
       (float): mean loss over the M updates.
     """
     m = cfg.updates_per_step
-    if subsets is not None and len(subsets) != m:
-        raise ValueError(f"got {len(subsets)} row subsets for M={m} SRM updates")
+    if subsets is not None:
+        if len(subsets) != m:
+            raise ValueError(f"got {len(subsets)} row subsets for M={m} SRM updates")
+        # Form states only for the rows some update trains on; the subsets then index those.
+        used, positions = torch.cat(subsets).to(embedding.device).unique(return_inverse=True)
+        subsets = list(positions.split([len(rows) for rows in subsets]))
+        embedding, prev_prob, gt = embedding[used], prev_prob[used], gt[used]
+        clip_map = clip_map[used] if clip_map is not None else None
+        present = present[used] if present is not None else None
+        semantic = semantic[used] if semantic is not None else None
     out_size = tuple(embedding.shape[-2:])
     with torch.no_grad():
         spatial = srm.pool_spatial(embedding, prev_prob)
@@ -436,7 +444,7 @@ def srm_update(
         if subsets is None:
             rows_spatial, rows_semantic, rows_gt, rows_present = spatial, semantic, gt, present
         else:
-            rows = subsets[j].to(spatial.device)
+            rows = subsets[j]
             rows_spatial, rows_gt = spatial[rows], gt[rows]
             rows_semantic = semantic[rows] if semantic is not None else None
             rows_present = present[rows] if present is not None else None

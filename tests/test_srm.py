@@ -135,10 +135,14 @@ def test_srm_overfits_four_samples(branch: str) -> None:
     assert (out.presence_logit > 0).tolist() == [True, True, True, False]
 
 
-def test_srm_update_takes_m_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+def _explicit_srm_and_adam() -> tuple[SRMConfig, SRM, torch.optim.Adam]:
     cfg = SRMConfig(branch="explicit", hidden=16)
     srm = SRM.from_config(8, cfg)
-    optimizer = torch.optim.Adam(srm.parameters(), lr=cfg.lr)
+    return cfg, srm, torch.optim.Adam(srm.parameters(), lr=cfg.lr)
+
+
+def test_srm_update_takes_m_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, srm, optimizer = _explicit_srm_and_adam()
     steps = []
     original = optimizer.step
     monkeypatch.setattr(optimizer, "step", lambda *a, **k: (steps.append(1), original(*a, **k))[1])
@@ -161,9 +165,7 @@ def test_update_subsets_are_disjoint_until_the_batch_runs_out() -> None:
 
 
 def test_srm_update_trains_each_update_on_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = SRMConfig(branch="explicit", hidden=16)
-    srm = SRM.from_config(8, cfg)
-    optimizer = torch.optim.Adam(srm.parameters(), lr=cfg.lr)
+    cfg, srm, optimizer = _explicit_srm_and_adam()
     seen = []
     original = srm.forward_pooled
     def recording(spatial, semantic, size):
