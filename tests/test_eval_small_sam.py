@@ -1,0 +1,28 @@
+"""The small-SAM evaluation's diagnostics: the mask-resolution reference and the area bins."""
+
+import numpy as np
+import pytest
+
+from alignsam.sam import FrozenSam
+from benchmarks.eval_small_sam import area_bin, resolution_reference
+
+
+def test_resolution_reference_separates_regions_the_output_grid_can_and_cannot_draw():
+    sam = FrozenSam.from_preset("tiny")  # 128 px input, 64 x 64 low-res logits: 2 x 2 px per logit
+    size = (128, 128)
+    square = np.zeros(size, bool)
+    square[30:80, 40:100] = True
+    line = np.zeros(size, bool)
+    line[60, 10:110] = True  # one pixel wide: half of each logit cell it crosses
+    ref = resolution_reference(sam, [square, line])
+    assert ref.shape == (2,)
+    assert ref[0] > 0.95  # a large, grid-aligned region survives the round trip
+    assert ref[1] < 0.6  # a 1-px line does not: it covers half of each 2 x 2 cell
+
+
+@pytest.mark.parametrize(
+    ("area", "expected"),
+    [(0, "0-200"), (199, "0-200"), (200, "200-500"), (4999, "2000-5000"), (5000, ">=5000"), (10**6, ">=5000")],
+)
+def test_area_bins(area, expected):
+    assert area_bin(area) == expected
