@@ -79,6 +79,8 @@ class SRMConfig:
     """self-attention runs on at most attn_grid x attn_grid tokens (64: see the module docstring)"""
     work_grid: int = 16
     """layers run on at most work_grid x work_grid positions (cost; see the module docstring)"""
+    fuse_kernel: int = 3
+    """kernel size of the explicit branch's fusion convolution (1 is cheaper; see ``SRM``)"""
     update_images_implicit: int | None = 8
     """images per SRM update, implicit branch (None: the whole rollout batch); see :func:`update_subsets`"""
     update_images_explicit: int | None = 2
@@ -152,6 +154,10 @@ class SRM(nn.Module):
       num_heads (int): attention heads (explicit branch); must divide ``hidden``.
       state_channels (int | None): r, the embedding channels kept by a fixed projection of both states (fit it
         with :meth:`fit_projection`; see :mod:`alignsam.projection`); None or >= C keeps all C channels.
+      fuse_kernel (int): kernel size of the explicit branch's fusion convolution. 3 (default) gives every position
+        its neighbours' spatial and semantic states before the attention. 1 fuses each position alone: on the
+        ``small`` preset, SRM updates take 24 s instead of 29 s per paper-sized run
+        (``benchmarks/results/training_cpu_small_srm.md``).
     """
 
     def __init__(
@@ -163,6 +169,7 @@ class SRM(nn.Module):
         work_grid: int = 16,
         num_heads: int = 4,
         state_channels: int | None = 32,
+        fuse_kernel: int = 3,
     ) -> None:
         super().__init__()
         if branch not in ("implicit", "explicit"):
@@ -188,7 +195,7 @@ class SRM(nn.Module):
             # Three convolution layers fuse the states: one 1x1 stem per state, a 3x3 fusion.
             self.spatial_stem = _conv_block(state_dim, hidden, 1)
             self.semantic_stem = _conv_block(state_dim, hidden, 1)
-            self.fuse = _conv_block(2 * hidden, hidden, 3)
+            self.fuse = _conv_block(2 * hidden, hidden, fuse_kernel)
             if hidden % num_heads:
                 raise ValueError(f"SRM hidden={hidden} must be divisible by num_heads={num_heads}")
             self.attention = _PositionSelfAttention(hidden, num_heads, attn_grid)
@@ -201,7 +208,7 @@ class SRM(nn.Module):
     def from_config(cls, embed_dim: int, cfg: SRMConfig) -> SRM:
         """An SRM with ``cfg``'s branch and sizes."""
         return cls(embed_dim, cfg.branch, hidden=cfg.hidden, attn_grid=cfg.attn_grid, work_grid=cfg.work_grid,
-                   state_channels=cfg.state_channels)
+                   state_channels=cfg.state_channels, fuse_kernel=cfg.fuse_kernel)
 
     @torch.no_grad()
     def fit_projection(self, embeddings: Tensor, seed: int = 0) -> None:

@@ -8,6 +8,7 @@ every part scales linearly in N x E (encoding in N), so the script extrapolates,
 
     python -m benchmarks.bench_training --preset small --branch implicit
     python -m benchmarks.bench_training --preset vit_b --samples 8 --episodes 2
+    python -m benchmarks.bench_training --branch explicit --srm-hidden 16 --srm-fuse-kernel 1   # a cheaper SRM
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from dataclasses import replace
 
 import torch
 
 from alignsam.data import Sample
 from alignsam.ppo import PPOConfig
 from alignsam.sam import FrozenSam
+from alignsam.srm import SRMConfig
 from alignsam.synthetic import make_split
 from alignsam.train import TrainConfig, train
 from benchmarks.common import RESULTS, write_results
@@ -34,7 +37,9 @@ def _sam(preset: str, device: str) -> FrozenSam:
     return FrozenSam.from_preset(preset, device=device)
 
 
-def run(preset: str, branch: str, samples: int, episodes: int, device: str, clip_preset: str) -> dict[str, float]:
+def run(
+    preset: str, branch: str, samples: int, episodes: int, device: str, clip_preset: str, srm: SRMConfig | None = None
+) -> dict[str, float]:
     sam = _sam(preset, device)
     sam._cache.clear()  # every run pays for its own encoding, as a fresh training job would
     clip = None
@@ -44,7 +49,7 @@ def run(preset: str, branch: str, samples: int, episodes: int, device: str, clip
         clip = ClipSurgery.from_preset(clip_preset, device=device, pretrained=None)
     scenes = make_split("saliency", "train", samples)
     data = [Sample(s.image, s.mask, s.text, f"s{i}") for i, s in enumerate(scenes)]
-    cfg = TrainConfig(ppo=PPOConfig(episodes=episodes), branch=branch)  # paper's T=15, K=20
+    cfg = TrainConfig(ppo=PPOConfig(episodes=episodes), branch=branch, srm=srm or SRMConfig())  # paper's T=15, K=20
     t0 = time.perf_counter()
     res = train(sam, data, cfg, clip=clip)
     wall = time.perf_counter() - t0
@@ -86,24 +91,43 @@ def main() -> None:
     ap.add_argument("--clip-preset", default="tiny", help="CLIP for the explicit branch (random weights)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--srm-hidden", type=int, nargs="+", default=[None], help="SRM widths (default: SRMConfig's)")
+    ap.add_argument("--srm-fuse-kernel", type=int, nargs="+", default=[None],
+                    help="explicit SRM fusion kernel sizes (default: SRMConfig's, 3)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of every setting, in turn (the floor drifts)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    variants: list[tuple[str, SRMConfig]] = []
+    for hidden in args.srm_hidden:
+        for kernel in args.srm_fuse_kernel:
+            srm, label = SRMConfig(), []
+            if hidden is not None:
+                srm, label = replace(srm, hidden=hidden), [*label, f"SRM {hidden} wide"]
+            if kernel is not None:
+                srm, label = replace(srm, fuse_kernel=kernel), [*label, f"{kernel}x{kernel} fusion"]
+            variants.append((", ".join(label), srm))
     results: dict[str, object] = {"device": args.device, "paper_N": PAPER_N, "paper_E": PAPER_E,
                                   "torch_threads": torch.get_num_threads(),
                                   "note": "measured on a reduced run, extrapolated linearly to N=50, E=50"}
     rows = []
-    for preset in args.preset:
-        for branch in args.branch:
-            r = run(preset, branch, args.samples, args.episodes, args.device, args.clip_preset)
-            results[f"{preset}/{branch}"] = r
-            print(f"[{preset}/{branch}] " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()), flush=True)
-            rows.append((
-                preset, branch, f"{r['measured_samples']}x{r['measured_episodes']}",
-                f"{r['paper_sam_encoding_s']:.0f}", f"{r['paper_clip_s']:.0f}", f"{r['paper_rollout_decode_s']:.0f}",
-                f"{r['paper_rollout_other_s']:.0f}", f"{r['paper_ppo_updates_s']:.0f}", f"{r['paper_srm_updates_s']:.0f}",
-                f"{r['paper_validation_s']:.0f}", f"{r['paper_total_s']:.0f}", f"{100 * r['overhead_over_floor']:.0f}%",
-            ))
+    for rep in range(args.repeat):
+        for preset in args.preset:
+            for branch in args.branch:
+                for label, srm in variants:
+                    r = run(preset, branch, args.samples, args.episodes, args.device, args.clip_preset, srm)
+                    key = "/".join(k for k in (preset, branch, label) if k) + (f"#{rep + 1}" if args.repeat > 1 else "")
+                    results[key] = {**r, "srm": vars(srm)}
+                    print(f"[{key}] " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()), flush=True)
+                    rows.append((
+                        preset, f"{branch} ({label})" if label else branch,
+                        f"{r['measured_samples']}x{r['measured_episodes']}",
+                        f"{r['paper_sam_encoding_s']:.0f}", f"{r['paper_clip_s']:.0f}",
+                        f"{r['paper_rollout_decode_s']:.0f}", f"{r['paper_rollout_other_s']:.0f}",
+                        f"{r['paper_ppo_updates_s']:.0f}", f"{r['paper_srm_updates_s']:.0f}",
+                        f"{r['paper_validation_s']:.0f}", f"{r['paper_total_s']:.0f}",
+                        f"{100 * r['overhead_over_floor']:.0f}%",
+                    ))
     name = args.name or f"training_{args.device}"
     path = write_results(name, results, rows, (
         "preset", "SRM branch", "measured N x E", "SAM encoding s", "CLIP s", "rollout decode s", "rollout other s",

@@ -8,6 +8,9 @@ AlignSAM's mIoU and FR, the SRM-labelled random-click ablation (w/o RL) and the 
 
     python -m benchmarks.srm_update_images --branch implicit --images 8 all --seeds 0 1 2
     python -m benchmarks.srm_update_images --branch explicit --images 2 all --seeds 0 --name srm_update_images_explicit
+
+``--hidden`` and ``--fuse-kernel`` set the SRM's width and the explicit branch's fusion kernel for every run (to
+measure a cheaper SRM on the same settings).
 """
 
 from __future__ import annotations
@@ -37,16 +40,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default="srm_update_images")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--hidden", type=int, default=SRMConfig.hidden, help="SRM width")
+    ap.add_argument("--fuse-kernel", type=int, default=SRMConfig.fuse_kernel, help="explicit SRM fusion kernel")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sam = load_sam("small", None, args.device)
     clip = load_clip("tiny", None, args.device) if args.branch == "explicit" else None  # random weights offline
-    results: dict[str, object] = {"branch": args.branch, "episodes": args.episodes, "n_test": args.test, "runs": []}
+    results: dict[str, object] = {"branch": args.branch, "episodes": args.episodes, "n_test": args.test,
+                                  "hidden": args.hidden, "fuse_kernel": args.fuse_kernel, "runs": []}
     by_setting: dict[tuple[str, str], list[dict]] = {}
     for images in args.images:
         n = None if images == "all" else int(images)
-        srm = SRMConfig(update_images_implicit=n, update_images_explicit=n)
+        srm = SRMConfig(update_images_implicit=n, update_images_explicit=n, hidden=args.hidden,
+                        fuse_kernel=args.fuse_kernel)
         for task in args.tasks:
             for seed in args.seeds:
                 cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes), branch=args.branch, seed=seed, srm=srm)

@@ -94,6 +94,15 @@ def test_shapes_for_small_and_vit_embeddings(branch: str, channels: int, size: i
     assert torch.isfinite(out.logits).all()
 
 
+def test_fusion_kernel_comes_from_the_config() -> None:
+    torch.manual_seed(0)
+    srm = SRM.from_config(32, SRMConfig(branch="explicit", hidden=16, fuse_kernel=1))
+    assert srm.fuse[0].kernel_size == (1, 1)
+    assert SRM.from_config(32, SRMConfig(branch="explicit", hidden=16)).fuse[0].kernel_size == (3, 3)
+    embedding, prev_prob, clip_map = _inputs(2, 32, 16)
+    assert srm(embedding, prev_prob, clip_map).logits.shape == (2, 1, 16, 16)
+
+
 @pytest.mark.parametrize("branch", ["implicit", "explicit"])
 def test_sample_output_does_not_depend_on_the_rest_of_the_batch(branch: str) -> None:
     torch.manual_seed(0)
