@@ -192,7 +192,7 @@ class SRM(nn.Module):
                 _conv_block(hidden, hidden, 3),
             )
         else:
-            # Three convolution layers fuse the states: one 1x1 stem per state, a 3x3 fusion.
+            # Three convolution layers fuse the states: one 1x1 stem per state, a fusion (3x3 by default).
             self.spatial_stem = _conv_block(state_dim, hidden, 1)
             self.semantic_stem = _conv_block(state_dim, hidden, 1)
             self.fuse = _conv_block(2 * hidden, hidden, fuse_kernel)
