@@ -14,6 +14,8 @@ reference*: the IoU of the ground truth itself after a round trip through SAM's 
 averaged onto the decoder's low-res logit grid, 64 x 64 for the small preset, as logits, then
 upsampled and thresholded as :meth:`FrozenSam.postprocess` does). A region the reference already
 loses cannot be drawn exactly by any decoder output; a gap well below the reference is the model's.
+It also splits each kind by whether a region touches another region of its kind (within 2 px): two
+touching shadows look like one dark area, so a click inside them is ambiguous.
 
     python benchmarks/eval_small_sam.py --checkpoint alignsam/assets/sam_small.pth [--scenes 40]
 """
@@ -31,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alignsam.sam import FrozenSam
-from alignsam.synthetic import FAMILIES, REGION_KINDS, corrective_click, interior_point, make_split
+from alignsam.synthetic import FAMILIES, REGION_KINDS, corrective_click, erode, interior_point, make_split
 from benchmarks.common import RESULTS, write_results
 
 TARGET_ONE_CLICK = {"object": 0.75, "blur": 0.65, "shadow": 0.65, "mirror": 0.65}
@@ -98,6 +100,18 @@ def resolution_reference(sam: FrozenSam, regions: list[np.ndarray]) -> np.ndarra
     return np.array([iou(p, m) for p, m in zip(pred, regions, strict=True)])
 
 
+def touches_same_kind(regions: list[np.ndarray], kinds: list[str], gap: int = 2) -> list[bool]:
+    """Whether each region comes within ``gap`` px of another region of its kind."""
+    out = []
+    for i, (m, kind) in enumerate(zip(regions, kinds, strict=True)):
+        grown = m
+        for _ in range(gap):
+            grown = ~erode(~grown)
+        out.append(any(bool((grown & o).any()) for j, (o, k) in enumerate(zip(regions, kinds, strict=True))
+                       if j != i and k == kind))
+    return out
+
+
 def area_bin(area: int) -> str:
     lower = max(b for b in AREA_BINS if b <= area)
     i = AREA_BINS.index(lower)
@@ -121,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     per_kind: dict[str, list[np.ndarray]] = {k: [] for k in REGION_KINDS}
     areas: dict[str, list[int]] = {k: [] for k in REGION_KINDS}
     reference: dict[str, list[float]] = {k: [] for k in REGION_KINDS}
+    touching: dict[str, list[bool]] = {k: [] for k in REGION_KINDS}
     per_family: dict[str, list[float]] = {}
     dec_times: list[float] = []
     enc_times: list[float] = []
@@ -133,10 +148,12 @@ def main(argv: list[str] | None = None) -> None:
             ious, times = evaluate_scene(sam, scene.image, scene.regions, args.clicks, args.mask_input)
             dec_times += times
             ref = resolution_reference(sam, scene.regions)
-            for kind, row, m, r in zip(scene.region_kinds, ious, scene.regions, ref, strict=True):
+            touch = touches_same_kind(scene.regions, scene.region_kinds)
+            for kind, row, m, r, t in zip(scene.region_kinds, ious, scene.regions, ref, touch, strict=True):
                 per_kind[kind].append(row)
                 areas[kind].append(int(m.sum()))
                 reference[kind].append(float(r))
+                touching[kind].append(t)
             per_family.setdefault(family, []).extend(ious[:, 0].tolist())
         print(f"{family}: done ({time.time() - t_start:.0f} s)", flush=True)
 
@@ -179,11 +196,16 @@ def main(argv: list[str] | None = None) -> None:
             if sel.any():
                 bins[name] = {"regions": int(sel.sum()), "miou_1_click": float(rows[sel, 0].mean()),
                               "miou_corrected": float(rows[sel, -1].mean()), "reference": float(ref[sel].mean())}
+        by_touch = {}
+        for name, sel in (("alone", ~np.array(touching[kind])), ("touching", np.array(touching[kind]))):
+            if sel.any():
+                by_touch[name] = {"regions": int(sel.sum()), "miou_1_click": float(rows[sel, 0].mean()),
+                                  "miou_corrected": float(rows[sel, -1].mean())}
         results["kinds"][kind] = {
             "regions": len(rows), "miou_by_clicks": curve.tolist(), "miou_1_click": one,
             "miou_corrected": last, "noc85_mean": float(noc.mean()),
             "target_1_click": TARGET_ONE_CLICK[kind], "target_corrected": TARGET_CORRECTED, "met": met,
-            "resolution_reference": float(ref.mean()), "by_area": bins,
+            "resolution_reference": float(ref.mean()), "by_area": bins, "by_touching_same_kind": by_touch,
         }
         table.append((kind, str(len(rows)), f"{one:.3f}", f"{curve[min(2, args.clicks)]:.3f}", f"{last:.3f}",
                       f"{noc.mean():.2f}", f">= {TARGET_ONE_CLICK[kind]:.2f}", f">= {TARGET_CORRECTED:.2f}",
@@ -215,6 +237,21 @@ def main(argv: list[str] | None = None) -> None:
                          f"{b['miou_corrected']:.3f} | {b['reference']:.3f} |")
         extra.append(f"| {kind} | all | {r['regions']} | {r['miou_1_click']:.3f} | {r['miou_corrected']:.3f} | "
                      f"{r['resolution_reference']:.3f} |")
+    extra += [
+        "",
+        "By whether a region touches another region of its kind (within 2 px), mIoU after "
+        f"1 / {1 + args.clicks} clicks:",
+        "",
+        "| region kind | alone: regions | 1 click | " + f"{1 + args.clicks} clicks | touching: regions | 1 click | "
+        f"{1 + args.clicks} clicks |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind, r in results["kinds"].items():
+        cells = []
+        for name in ("alone", "touching"):
+            b = r["by_touching_same_kind"].get(name)
+            cells += [str(b["regions"]), f"{b['miou_1_click']:.3f}", f"{b['miou_corrected']:.3f}"] if b else ["0", "-", "-"]
+        extra.append(f"| {kind} | " + " | ".join(cells) + " |")
     if "training" in results:
         tr = results["training"]
         extra += ["", f"Training: {tr['steps']} steps, {tr['scenes_seen']} scenes, {tr['minutes']:.1f} min."]

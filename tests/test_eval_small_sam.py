@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from alignsam.sam import FrozenSam
-from benchmarks.eval_small_sam import area_bin, resolution_reference
+from benchmarks.eval_small_sam import area_bin, resolution_reference, touches_same_kind
 
 
 def test_resolution_reference_separates_regions_the_output_grid_can_and_cannot_draw():
@@ -26,3 +26,18 @@ def test_resolution_reference_separates_regions_the_output_grid_can_and_cannot_d
 )
 def test_area_bins(area, expected):
     assert area_bin(area) == expected
+
+
+def test_touching_counts_only_regions_of_the_same_kind_within_the_gap():
+    def box(y0, x0, y1, x1):
+        m = np.zeros((40, 40), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    a = box(5, 5, 15, 15)
+    b = box(5, 16, 15, 25)  # 1 px from a
+    c = box(30, 30, 35, 35)  # far from both
+    d = box(5, 16, 15, 25)  # where b is, but another kind
+    assert touches_same_kind([a, b, c], ["shadow"] * 3) == [True, True, False]
+    assert touches_same_kind([a, d], ["shadow", "object"]) == [False, False]
+    assert touches_same_kind([a, box(5, 19, 15, 25)], ["shadow"] * 2) == [False, False]  # 4 px apart
