@@ -16,21 +16,22 @@ Architecture (and why it differs from a plain "convs at the embedding resolution
 
 * Cost is the design constraint. PPO runs K=20 epochs of forward+backward over every stored step, and the
   issue caps everything that is not SAM at +50% over SAM's decoder calls, for vit_b (decoder ~220 ms per
-  sample on one CPU thread) and for the ``small`` preset (~3 ms). On one CPU thread an epoch over 750 steps
-  (75,000 cell tokens) is memory-bound: every elementwise op over the tokens costs about a millisecond, so the
-  network is as few token-sized ops as will learn. Measured per epoch over 750 steps: the first design (1x1
-  conv stem on all 257 channels, two 3x3 convs, 64 wide) 1270 ms; the second (stem + LayerNorm, a residual
-  context block with a box-filtered neighbour term, 32 wide) ~115 ms, 58 ms at 16 wide; this one 54 ms at 32
-  wide and 26 ms at 16 wide (the default). ``benchmarks/results/policy_choices.md`` has what the width costs in
-  learning, ``tests/test_quality.py`` and ``benchmarks/results/quality.md`` what the agent achieves. What buys it:
-  the projection (the stem reads 2r+2 = 66 channels, not 2 x 257); linear layers over cell tokens instead of
-  small convolutions (oneDNN convolutions on a 10 x 10 grid run at a few GFLOP/s); the neighbourhood entering
-  as parameter-free input channels (computed once per PPO update) instead of a box filter over hidden
-  features in every epoch; history as a rank-1 term fused into one ``addcmul``; sums instead of
-  concatenations (``W [a; b] = W_a a + W_b b`` without materialising ``[a; b]``); channels-last pooled states,
-  so the cell tokens are a view. Without the LayerNorm (-15% per epoch) the agent learned worse in the
-  learning test (held-out FR 0.78 against 0.88), and normalising the input tokens instead would show the
-  agent F_I where the mask is faint, which is not the paper's state.
+  sample on one CPU thread) and for the ``small`` preset (~5.5 ms; ~3 ms at its earlier 256 px). On one CPU
+  thread an epoch over 750 steps (75,000 cell tokens) is memory-bound: every elementwise op over the tokens
+  costs about a millisecond, so the network is as few token-sized ops as will learn. Measured per epoch over
+  750 steps: the first design (1x1 conv stem on all 257 channels, two 3x3 convs, 64 wide) 1270 ms; the second
+  (stem + LayerNorm, a residual context block with a box-filtered neighbour term, 32 wide) ~115 ms, 58 ms at
+  16 wide; this one 54 ms at 32 wide and 26 ms at 16 wide (the default).
+  ``benchmarks/results/policy_choices.md`` has what the width costs in learning, ``tests/test_quality.py`` and
+  ``benchmarks/results/quality.md`` what the agent achieves. What buys it: the projection (the stem reads 2r+2
+  = 66 channels, not 2 x 257); linear layers over cell tokens instead of small convolutions (oneDNN
+  convolutions on a 10 x 10 grid run at a few GFLOP/s); the neighbourhood entering as parameter-free input
+  channels (computed once per PPO update) instead of a box filter over hidden features in every epoch; history
+  as a rank-1 term fused into one ``addcmul``; sums instead of concatenations (``W [a; b] = W_a a + W_b b``
+  without materialising ``[a; b]``); channels-last pooled states, so the cell tokens are a view. Without the
+  LayerNorm (-15% per epoch) the agent learned worse in the learning test (held-out FR 0.78 against 0.88), and
+  normalising the input tokens instead would show the agent F_I where the mask is faint, which is not the
+  paper's state.
 * A linear map commutes with average pooling, so pooling the state to the action grid first and then applying
   the stem (and the projection) is exactly the same function as stem-then-pool, at (h*w)/A less compute.
   Because pooling, projection and the neighbourhood mean have no trained parameters,

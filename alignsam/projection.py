@@ -3,7 +3,8 @@
 The agent and the SRM both start with a linear layer over the C channels of a state ``F_I * M`` (C = 256 for
 every SAM preset). That layer is applied in every forward *and* backward pass: K = 20 PPO epochs over every
 stored step, M SRM updates after every action. Its input is the most expensive part of both networks, and on a
-cheap SAM (the ``small`` preset decodes in ~3 ms on one CPU thread) it alone costs more than SAM.
+cheap SAM (the ``small`` preset decoded in ~3 ms on one CPU thread at 256 px, when this was measured) it alone
+cost more than SAM.
 
 Because the state is a per-position product ``F_I(p) * M(p)`` and a projection ``P`` is per-position linear,
 ``P (F_I * M) = (P F_I) * M``, and it commutes with average pooling. So projecting the (pooled) state onto r

@@ -85,9 +85,9 @@ SAM_PRESETS: dict[str, SamSpec] = {
     # Same classes, scaled down. `small` is the CPU-sized model the offline benchmark trains;
     # `tiny` exists so unit tests run the real code paths in milliseconds.
     "small": SamSpec(
-        "small", 128, 6, 4, (0, 1, 2, 3, 4, 5), image_size=256, patch_size=16, window_size=0,
+        "small", 128, 6, 4, (0, 1, 2, 3, 4, 5), image_size=384, patch_size=16, window_size=0,
         prompt_embed_dim=128, decoder_mlp_dim=512, decoder_num_heads=4, iou_head_hidden_dim=128,
-        description="small SAM for CPU demos and the offline benchmark (256 px, 16x16 grid)",
+        description="small SAM for CPU demos and the offline benchmark (384 px, 24x24 grid)",
     ),
     "tiny": SamSpec(
         "tiny", 32, 2, 2, (0, 1), image_size=128, patch_size=8, window_size=0,

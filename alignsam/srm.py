@@ -14,7 +14,7 @@ The chosen action's label is the SRM's prediction at its position (:func:`label_
 first prompt pair is the SRM's highest- and lowest-scoring positions (:func:`initial_points`).
 
 Cost. The SRM is trained M times after every action (paper: M=5 for the explicit branch), so it must be cheap
-next to the SAM decoder call that each action costs (~220 ms per sample for vit_b, ~3 ms for the ``small``
+next to the SAM decoder call that each action costs (~220 ms per sample for vit_b, ~5.5 ms for the ``small``
 preset, on one CPU thread). Five choices keep it so:
 
 * Both states are projected onto r = 32 fixed, whitened principal directions of the run's SAM embeddings

@@ -1,9 +1,9 @@
-"""Trains the ``small`` SAM preset from scratch on synthetic scenes, class-agnostically.
+"""Trains the ``small`` SAM preset on synthetic scenes, class-agnostically.
 
 SAM's role in AlignSAM is fixed (frozen), but real SAM weights cannot be downloaded on the
 development and CI machines, and random weights give meaningless masks. This script teaches the
-small preset (``alignsam.sam.SAM_PRESETS['small']``: 256 px, ViT embed 128, depth 6, ~2.3 M
-parameters) to answer point prompts on scenes of :mod:`alignsam.synthetic`: every prompt asks for
+small preset (``alignsam.sam.SAM_PRESETS['small']``: 384 px input, patch 16, ViT embed 128, depth 6,
+~2.3 M parameters) to answer point prompts on scenes of :mod:`alignsam.synthetic`: every prompt asks for
 one promptable region of a scene (an object, a blurred region, a shadow, a mirror).
 
 Training, per step (like SAM's interactive training, scaled down):
@@ -24,32 +24,38 @@ click, mean IoU over region kinds on held-out seeds); the best weights are writt
 in the official SAM state-dict format, and the full training state (for ``--resume``) to
 ``--state``.
 
-Reproduce the committed ``alignsam/assets/sam_small.pth``: a 65-minute run, a 26-minute continuation with a fresh
-warmup + cosine at a lower peak learning rate, a 75-minute continuation with 3 corrective clicks per step and the
-previous logits fed back for half of the prompts, then continuations on CPU time (``--clock cpu``) with 5
-corrective clicks per step: two stopped at their first checkpoint (10 CPU minutes each), the last two annealed::
+Reproduce the committed ``alignsam/assets/sam_small.pth``. Runs 1-7 trained the preset at 256 px (16 x 16 tokens,
+``--image-size 256``): a 65-minute run, a 26-minute continuation with a fresh warmup + cosine at a lower peak
+learning rate, a 75-minute continuation with 3 corrective clicks per step and the previous logits fed back for half
+of the prompts, then continuations on CPU time (``--clock cpu``) with 5 corrective clicks per step: two stopped at
+their first checkpoint (10 CPU minutes each), the last two annealed. Run 8 moved it to 384 px (24 x 24 tokens:
+small regions and boundaries were what it missed; ``benchmarks/results/small_sam.md``), starting from run 7's
+weights with the position embeddings resized (``--init``)::
 
-    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --minutes 65 --threads 1 \
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --image-size 256 --minutes 65 --threads 1 \
         --out alignsam/assets/sam_small.pth
-    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state.pt \
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --image-size 256 --resume /tmp/train_small_sam_state.pt \
         --minutes 26 --threads 1 --lr 4e-4 --out alignsam/assets/sam_small.pth
-    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state.pt \
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --image-size 256 --resume /tmp/train_small_sam_state.pt \
         --minutes 75 --threads 1 --lr 4e-4 --rounds 4 --mask-input-prob 0.5 --out alignsam/assets/sam_small.pth
     # -> /tmp/train_small_sam_state3.pt; then (each stopped after its first checkpoint, at 10 CPU minutes):
-    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state3.pt \
+    nice -n 19 .venv/bin/python benchmarks/train_small_sam.py --image-size 256 --resume /tmp/train_small_sam_state3.pt \
         --state /tmp/train_small_sam_state4.pt --minutes 90 --clock cpu --threads 1 --lr 3e-4 --rounds 4 \
         --mask-input-prob 0.5 --out /tmp/sam_small_run4.pth
-    nice -n 10 .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state4.pt \
+    nice -n 10 .venv/bin/python benchmarks/train_small_sam.py --image-size 256 --resume /tmp/train_small_sam_state4.pt \
         --state /tmp/train_small_sam_state5.pt --minutes 80 --clock cpu --threads 1 --lr 3e-4 --rounds 6 \
         --mask-input-prob 0.5 --out /tmp/sam_small_run5.pth
-    .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state5.pt \
+    .venv/bin/python benchmarks/train_small_sam.py --image-size 256 --resume /tmp/train_small_sam_state5.pt \
         --state /tmp/train_small_sam_state6.pt --minutes 33 --clock cpu --eval-every 11 --threads 1 --lr 2.5e-4 \
         --rounds 6 --mask-input-prob 0.5 --out /tmp/sam_small_run6.pth   # its final weights: small-eb4ffe53a12b
-    .venv/bin/python benchmarks/train_small_sam.py --resume /tmp/train_small_sam_state6.pt \
+    .venv/bin/python benchmarks/train_small_sam.py --image-size 256 --resume /tmp/train_small_sam_state6.pt \
         --state /tmp/train_small_sam_state7.pt --minutes 80 --clock cpu --eval-every 20 --threads 1 --lr 2.5e-4 \
         --rounds 6 --mask-input-prob 0.5 --out /tmp/sam_small_run7.pth
-    # its final weights (the model in /tmp/train_small_sam_state7.pt, written with alignsam.sam.save_checkpoint)
-    # are the asset, small-328ec516b193
+    # its final weights (the model in /tmp/train_small_sam_state7.pt) were the 256-px asset, small-328ec516b193
+    nice -n 5 .venv/bin/python benchmarks/train_small_sam.py --init /tmp/train_small_sam_state7.pt \
+        --state /tmp/train_small_sam_state8.pt --minutes 20 --clock cpu --eval-every 10 --threads 1 --lr 2.5e-4 \
+        --rounds 6 --mask-input-prob 0.5 --out /tmp/sam_small_run8.pth
+    # its final weights (its best validation too) are the asset, small-87a1205e3cd6
 
 (the exact command(s) of the committed run, with their timing, are in ``benchmarks/results/small_sam.md``).
 One torch thread on purpose: on a shared 2-core machine a niced 2-thread run stalls at every
@@ -61,6 +67,7 @@ The schedule counts wall-clock time (or, with ``--clock cpu``, this process's CP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -205,9 +212,18 @@ class SceneBatches(IterableDataset):
 
 # ---------------------------------------------------------------------------------------- model
 def preprocess(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``[B, H, W, 3]`` uint8 -> normalised ``[B, 3, H, W]`` (images already at SAM's input size)."""
+    """``[B, H, W, 3]`` uint8 square scenes -> normalised ``[B, 3, S, S]`` at SAM's input size S (bilinear, as
+    ``ResizeLongestSide`` resizes at inference)."""
     x = images.permute(0, 3, 1, 2).float()
+    size = model.image_encoder.img_size
+    if x.shape[-1] != size:
+        x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False)
     return (x - model.pixel_mean) / model.pixel_std
+
+
+def input_scale(model: torch.nn.Module, scene_size: int) -> float:
+    """Factor from scene pixels to SAM's input frame (the scenes are square)."""
+    return model.image_encoder.img_size / scene_size
 
 
 def decode(
@@ -217,14 +233,16 @@ def decode(
     labels: torch.Tensor,
     mask_input: torch.Tensor | None = None,
     use_mask: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt encoder + batched decoder: ``[N, C, h, w]`` embeddings, one prompt set each.
+    """Prompt encoder + batched decoder: ``[N, C, h, w]`` embeddings, one prompt set each; ``points`` in scene
+    pixels, times ``scale`` (:func:`input_scale`) in SAM's input frame.
 
     ``mask_input`` ``[N, 1, 4h, 4w]`` is used only where ``use_mask`` ``[N]`` is True (the rest get
     SAM's learned no-mask embedding). Returns logits ``[N, 4, 4h, 4w]`` and IoU ``[N, 4]``.
     """
     pe = model.prompt_encoder
-    sparse, dense = pe(points=(points, labels), boxes=None, masks=mask_input)
+    sparse, dense = pe(points=(points * scale, labels), boxes=None, masks=mask_input)
     if mask_input is not None and use_mask is not None:
         no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
         dense = torch.where(use_mask[:, None, None, None], dense, no_mask)
@@ -302,7 +320,7 @@ def validate(model: torch.nn.Module, val: list, batch: int = 16) -> dict[str, fl
                 kinds.append(k)
         points = torch.tensor(pts, dtype=torch.float32)[:, None] + 0.5
         labels = torch.ones(len(pts), 1, dtype=torch.long)
-        logits, _ = decode(model, emb[torch.tensor(e)], points, labels)
+        logits, _ = decode(model, emb[torch.tensor(e)], points, labels, scale=input_scale(model, masks[0].shape[-1]))
         _, iou = seg_losses(logits[:, :1], torch.from_numpy(np.stack(masks)), 256)
         for k, v in zip(kinds, iou[:, 0].tolist(), strict=True):
             ious[k].append(v)
@@ -313,6 +331,20 @@ def validate(model: torch.nn.Module, val: list, batch: int = 16) -> dict[str, fl
 
 
 # ---------------------------------------------------------------------------------------- training
+def resize_position_embeddings(state: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
+    """A SAM state dict for a ``grid`` x ``grid`` token image encoder: the absolute position embedding resized
+    bicubically, the relative ones (``2 * grid - 1`` offsets) linearly, as ``segment_anything`` itself resizes them
+    (``image_encoder.get_rel_pos``). Every other tensor is kept."""
+    out = dict(state)
+    for key, value in state.items():
+        if key.endswith("pos_embed") and value.ndim == 4 and value.shape[1] != grid:  # [1, g, g, C]
+            resized = F.interpolate(value.permute(0, 3, 1, 2), (grid, grid), mode="bicubic", align_corners=False)
+            out[key] = resized.permute(0, 2, 3, 1).contiguous()
+        elif key.endswith(("rel_pos_h", "rel_pos_w")) and value.shape[0] != 2 * grid - 1:  # [2g - 1, head_dim]
+            out[key] = F.interpolate(value.T[None], 2 * grid - 1, mode="linear")[0].T.contiguous()
+    return out
+
+
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     """Linear warmup over the first ``warmup_steps`` steps of this run, then cosine to ``min_lr``
     over the time budget (``progress`` in [0, 1])."""
@@ -333,7 +365,7 @@ def train_step(
     mask_input = None
     use_mask = None
     for r in range(cfg.rounds):
-        logits, iou_pred = decode(model, emb, points, labels, mask_input, use_mask)
+        logits, iou_pred = decode(model, emb, points, labels, mask_input, use_mask, input_scale(model, target.shape[-1]))
         per, iou = seg_losses(logits[:, :1], target, cfg.loss_size)
         loss = per[:, 0].mean() + F.mse_loss(iou_pred[:, 0], iou[:, 0])
         if r == 0:  # SAM's ambiguity-aware loss: only the best of the three multimask outputs
@@ -370,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=float, default=10.0, help="minutes between validations")
     parser.add_argument("--batch-images", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="interactive rounds per step (default: TrainConfig)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="SAM input size (default: the preset's); scenes are resized to it")
+    parser.add_argument("--init", default=None,
+                        help="start from these SAM weights (a checkpoint, or --state file's model), position "
+                        "embeddings resized to --image-size; the optimiser and schedule start fresh")
     parser.add_argument("--mask-input-prob", type=float, default=None,
                         help="rounds >= 2: share of prompts fed the previous logits (default: TrainConfig)")
     args = parser.parse_args(argv)
@@ -385,7 +422,14 @@ def main(argv: list[str] | None = None) -> None:
         cfg.rounds = args.rounds
     if args.mask_input_prob is not None:
         cfg.mask_input_prob = args.mask_input_prob
-    model = build_sam(get_spec(cfg.preset), seed=args.seed)
+    spec = get_spec(cfg.preset)
+    if args.image_size is not None:
+        spec = dataclasses.replace(spec, image_size=args.image_size)
+    model = build_sam(spec, seed=args.seed)
+    if args.init:
+        init = torch.load(args.init, map_location="cpu", weights_only=True)
+        model.load_state_dict(resize_position_embeddings(init.get("model", init), spec.embedding_size))
+        print(f"initialised from {args.init} at {spec.image_size} px", flush=True)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
