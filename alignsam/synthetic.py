@@ -516,6 +516,24 @@ def write_split(
 
 
 # ---------------------------------------------------------------------------------------- clicks
+def dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    """``steps`` steps of 3x3 (8-neighbour) binary dilation; pixels outside the image count as background (so,
+    unlike ``~erode(~mask)``, the image border is not switched on)."""
+    out = mask
+    for _ in range(steps):
+        m = out
+        out = m.copy()
+        out[1:, :] |= m[:-1, :]
+        out[:-1, :] |= m[1:, :]
+        out[:, 1:] |= m[:, :-1]
+        out[:, :-1] |= m[:, 1:]
+        out[1:, 1:] |= m[:-1, :-1]
+        out[:-1, :-1] |= m[1:, 1:]
+        out[1:, :-1] |= m[:-1, 1:]
+        out[:-1, 1:] |= m[1:, :-1]
+    return out
+
+
 def erode(mask: np.ndarray) -> np.ndarray:
     """One step of 3x3 (8-neighbour) binary erosion; pixels outside the image count as background."""
     m = mask

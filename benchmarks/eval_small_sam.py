@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alignsam.sam import FrozenSam
-from alignsam.synthetic import FAMILIES, REGION_KINDS, corrective_click, erode, interior_point, make_split
+from alignsam.synthetic import FAMILIES, REGION_KINDS, corrective_click, dilate, interior_point, make_split
 from benchmarks.common import RESULTS, write_results
 
 TARGET_ONE_CLICK = {"object": 0.75, "blur": 0.65, "shadow": 0.65, "mirror": 0.65}
@@ -104,9 +104,7 @@ def touches_same_kind(regions: list[np.ndarray], kinds: list[str], gap: int = 2)
     """Whether each region comes within ``gap`` px of another region of its kind."""
     out = []
     for i, (m, kind) in enumerate(zip(regions, kinds, strict=True)):
-        grown = m
-        for _ in range(gap):
-            grown = ~erode(~grown)
+        grown = dilate(m, gap)
         out.append(any(bool((grown & o).any()) for j, (o, k) in enumerate(zip(regions, kinds, strict=True))
                        if j != i and k == kind))
     return out

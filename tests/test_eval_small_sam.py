@@ -41,3 +41,5 @@ def test_touching_counts_only_regions_of_the_same_kind_within_the_gap():
     assert touches_same_kind([a, b, c], ["shadow"] * 3) == [True, True, False]
     assert touches_same_kind([a, d], ["shadow", "object"]) == [False, False]
     assert touches_same_kind([a, box(5, 19, 15, 25)], ["shadow"] * 2) == [False, False]  # 4 px apart
+    # Two regions on opposite image borders are far apart: the border is not part of either one's surroundings.
+    assert touches_same_kind([box(0, 0, 5, 5), box(35, 35, 40, 40)], ["shadow"] * 2) == [False, False]
