@@ -156,7 +156,7 @@ class SRM(nn.Module):
         with :meth:`fit_projection`; see :mod:`alignsam.projection`); None or >= C keeps all C channels.
       fuse_kernel (int): kernel size of the explicit branch's fusion convolution. 3 (default) gives every position
         its neighbours' spatial and semantic states before the attention. 1 fuses each position alone: on the
-        ``small`` preset, SRM updates take 24 s instead of 29 s per paper-sized run
+        ``small`` preset at 256 px, SRM updates took 24 s instead of 29 s per paper-sized run
         (``benchmarks/results/training_cpu_small_srm.md``).
     """
 

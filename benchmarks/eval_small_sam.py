@@ -110,6 +110,12 @@ def touches_same_kind(regions: list[np.ndarray], kinds: list[str], gap: int = 2)
     return out
 
 
+def summary(ious: np.ndarray, sel: np.ndarray) -> dict[str, float]:
+    """Count and mIoU after the first and the last click of the regions ``sel`` of ``ious [R, 1 + clicks]``."""
+    return {"regions": int(sel.sum()), "miou_1_click": float(ious[sel, 0].mean()),
+            "miou_corrected": float(ious[sel, -1].mean())}
+
+
 def area_bin(area: int) -> str:
     lower = max(b for b in AREA_BINS if b <= area)
     i = AREA_BINS.index(lower)
@@ -186,19 +192,12 @@ def main(argv: list[str] | None = None) -> None:
         one, last = float(curve[0]), float(curve[-1])
         met = one >= TARGET_ONE_CLICK[kind] and last >= TARGET_CORRECTED
         all_met &= met
-        bins: dict[str, dict[str, float]] = {}
         kind_bins = np.array([area_bin(a) for a in areas[kind]])
         ref = np.array(reference[kind])
-        for name in dict.fromkeys(area_bin(b) for b in AREA_BINS):
-            sel = kind_bins == name
-            if sel.any():
-                bins[name] = {"regions": int(sel.sum()), "miou_1_click": float(rows[sel, 0].mean()),
-                              "miou_corrected": float(rows[sel, -1].mean()), "reference": float(ref[sel].mean())}
-        by_touch = {}
-        for name, sel in (("alone", ~np.array(touching[kind])), ("touching", np.array(touching[kind]))):
-            if sel.any():
-                by_touch[name] = {"regions": int(sel.sum()), "miou_1_click": float(rows[sel, 0].mean()),
-                                  "miou_corrected": float(rows[sel, -1].mean())}
+        bins = {name: {**summary(rows, sel), "reference": float(ref[sel].mean())}
+                for name in dict.fromkeys(area_bin(b) for b in AREA_BINS) if (sel := kind_bins == name).any()}
+        touch = np.array(touching[kind])
+        by_touch = {name: summary(rows, sel) for name, sel in (("alone", ~touch), ("touching", touch)) if sel.any()}
         results["kinds"][kind] = {
             "regions": len(rows), "miou_by_clicks": curve.tolist(), "miou_1_click": one,
             "miou_corrected": last, "noc85_mean": float(noc.mean()),
