@@ -15,8 +15,9 @@ which pixels are the target:
   occluders.
 - ``mirror``: a framed region showing a left-right flipped copy of another part of the image.
 
-Every scene also lists its *promptable regions* (each object, blurred region, shadow and mirror,
-pairwise disjoint) with their kind, so a small SAM can be trained class-agnostically on them.
+Every scene also lists its *promptable regions* (each object, blurred area, shadow area and mirror,
+pairwise disjoint; touching blurred regions, or touching shadows, are one area) with their kind, so a
+small SAM can be trained class-agnostically on them.
 
 Splits use fixed, disjoint seed ranges: ``train`` seeds ``[0, 50)``, ``test`` seeds
 ``[10_000, 10_000 + n)``; SAM training uses seeds ``>= SAM_SEED_START`` (1_000_000).
@@ -41,6 +42,9 @@ FAMILIES: tuple[str, ...] = ("semantic", "saliency", "blur", "shadow", "mirror")
 
 REGION_KINDS: tuple[str, ...] = ("object", "blur", "shadow", "mirror")
 """Kinds of promptable regions a scene lists."""
+
+STUFF_KINDS: tuple[str, ...] = ("blur", "shadow")
+"""Region kinds without instances: touching regions of one of these kinds are one promptable region."""
 
 CATEGORIES: dict[str, tuple[float, float]] = {
     "circle": (-0.03, 0.03),  # red (hue range as a fraction of the colour wheel)
@@ -76,7 +80,8 @@ class Scene:
     Attributes:
       image: ``[H, W, 3]`` uint8 RGB.
       mask: ``[H, W]`` bool, the family's target pixels (a union of some ``regions``).
-      regions: pairwise disjoint ``[H, W]`` bool masks of every promptable region.
+      regions: pairwise disjoint ``[H, W]`` bool masks of every promptable region (touching regions of a
+        :data:`STUFF_KINDS` kind merged into one).
       region_kinds: kind of each region, one of :data:`REGION_KINDS`.
       text: the family's text prompt (the category name for ``semantic``).
       family: the task family.
@@ -433,6 +438,38 @@ _BUILDERS = {"semantic": _semantic, "saliency": _saliency, "blur": _blur, "shado
 _TARGET_KIND = {"blur": "blur", "shadow": "shadow", "mirror": "mirror"}
 
 
+def _region_groups(canvas: _Canvas) -> list[list[int]]:
+    """The canvas's regions as promptable regions: lists of label indices, one list per region.
+
+    Regions of a *stuff* kind (:data:`STUFF_KINDS`) that touch are one region; every other region stands alone.
+    Where two blurred regions touch, both show the same blurred copy of the scene, and where two shadows touch
+    or overlap, they form one dark area: nothing in the image says where one ends, so the painter's-order split
+    of the label map would be an arbitrary, unlearnable boundary for a click-prompted model. The paper's blur
+    and shadow datasets (CUHK, SBU) label these kinds as binary masks, not instances, too. Objects keep their
+    instances (they differ in colour and shape), and each mirror has a frame.
+    """
+    n = len(canvas.kinds)
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for kind in STUFF_KINDS:
+        idx = [i for i, k in enumerate(canvas.kinds) if k == kind]
+        masks = {i: canvas.labels == i for i in idx}
+        for a_pos, a in enumerate(idx):
+            grown = dilate(masks[a])
+            for b in idx[a_pos + 1 :]:
+                if (grown & masks[b]).any():
+                    parent[root(b)] = root(a)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    return sorted(groups.values())
+
+
 def make_scene(family: str, seed: int, size: int = 256, category: str | None = None) -> Scene:
     """Draws the scene of ``family`` for ``seed`` (deterministic) at ``size`` x ``size`` pixels.
 
@@ -453,12 +490,13 @@ def make_scene(family: str, seed: int, size: int = 256, category: str | None = N
     image = np.clip(canvas.image, 0, 255).astype(np.uint8)
     min_area = _MIN_REGION_FRACTION * size * size
     regions, kinds, old_to_new = [], [], {}
-    for i, kind in enumerate(canvas.kinds):
-        m = canvas.labels == i
+    for group in _region_groups(canvas):
+        m = np.isin(canvas.labels, group)
         if m.sum() >= min_area:
-            old_to_new[i] = len(regions)
+            for i in group:
+                old_to_new[i] = len(regions)
             regions.append(m)
-            kinds.append(kind)
+            kinds.append(canvas.kinds[group[0]])
     if family == "semantic":
         old = [i for i, t in enumerate(canvas.tags) if t == category]
     elif target_idx is not None:

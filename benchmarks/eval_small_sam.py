@@ -14,8 +14,9 @@ reference*: the IoU of the ground truth itself after a round trip through SAM's 
 averaged onto the decoder's low-res logit grid, 64 x 64 for the small preset, as logits, then
 upsampled and thresholded as :meth:`FrozenSam.postprocess` does). A region the reference already
 loses cannot be drawn exactly by any decoder output; a gap well below the reference is the model's.
-It also splits each kind by whether a region touches another region of its kind (within 2 px): two
-touching shadows look like one dark area, so a click inside them is ambiguous.
+It also splits each kind by whether a region comes within 2 px of another region of its kind: two objects
+side by side are harder to tell apart. (Touching blurred regions, and touching shadows, are one region in the
+scene generator, :data:`alignsam.synthetic.STUFF_KINDS`; for those kinds this counts near misses.)
 
     python benchmarks/eval_small_sam.py --checkpoint alignsam/assets/sam_small.pth [--scenes 40]
 """

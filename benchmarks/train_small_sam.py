@@ -4,7 +4,7 @@ SAM's role in AlignSAM is fixed (frozen), but real SAM weights cannot be downloa
 development and CI machines, and random weights give meaningless masks. This script teaches the
 small preset (``alignsam.sam.SAM_PRESETS['small']``: 384 px input, patch 16, ViT embed 128, depth 6,
 ~2.3 M parameters) to answer point prompts on scenes of :mod:`alignsam.synthetic`: every prompt asks for
-one promptable region of a scene (an object, a blurred region, a shadow, a mirror).
+one promptable region of a scene (an object, a blurred area, a shadow area, a mirror).
 
 Training, per step (like SAM's interactive training, scaled down):
 

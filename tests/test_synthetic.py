@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alignsam import synthetic
 from alignsam.synthetic import (
     CATEGORIES,
     FAMILIES,
     REGION_KINDS,
     SAM_SEED_START,
     corrective_click,
+    dilate,
     interior_point,
     make_scene,
     make_split,
@@ -158,3 +160,19 @@ def test_a_semantic_split_can_fix_its_category(category):
         make_scene("blur", 0, category=category)
     with pytest.raises(ValueError, match="unknown category"):
         make_scene("semantic", 0, category="hexagon")
+
+
+def test_touching_stuff_regions_are_one_region(scenes):
+    """Two touching shadows (or blurred regions) are one dark (blurred) area: one promptable region."""
+    for family in ("blur", "shadow"):
+        for s in scenes[family]:
+            stuff = [r for r, k in zip(s.regions, s.region_kinds, strict=True) if k == family]
+            for i, a in enumerate(stuff):
+                grown = dilate(a)
+                assert not any((grown & b).any() for b in stuff[i + 1 :])
+    # the merge does happen: some scenes cast shadows that touch, and those become one region
+    merged = 0
+    for seed in range(40):
+        canvas, _, _ = synthetic._shadow(np.random.default_rng([FAMILIES.index("shadow"), seed]), 256)
+        merged += any(len(g) > 1 and canvas.kinds[g[0]] == "shadow" for g in synthetic._region_groups(canvas))
+    assert merged > 0
