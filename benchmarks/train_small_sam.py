@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
                         "embeddings resized to --image-size; the optimiser and schedule start fresh")
     parser.add_argument("--mask-input-prob", type=float, default=None,
                         help="rounds >= 2: share of prompts fed the previous logits (default: TrainConfig)")
+    parser.add_argument("--family-weights", type=float, nargs=len(FAMILIES), default=None, metavar="W",
+                        help=f"sampling weights of the scene families ({' '.join(FAMILIES)}; default: TrainConfig)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -422,6 +424,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg.rounds = args.rounds
     if args.mask_input_prob is not None:
         cfg.mask_input_prob = args.mask_input_prob
+    if args.family_weights is not None:
+        if min(args.family_weights) < 0 or sum(args.family_weights) <= 0:
+            parser.error("--family-weights: non-negative, not all zero")
+        cfg.family_weights = tuple(args.family_weights)
     spec = get_spec(cfg.preset)
     if args.image_size is not None:
         spec = dataclasses.replace(spec, image_size=args.image_size)

@@ -1,11 +1,13 @@
-"""The small-SAM training script's warm start at another input size."""
+"""The small-SAM training script: its warm start at another input size, and its scene mix."""
 
 import dataclasses
 
+import pytest
 import torch
 
 from alignsam.sam import build_sam, get_spec
-from benchmarks.train_small_sam import resize_position_embeddings
+from alignsam.synthetic import REGION_KINDS
+from benchmarks.train_small_sam import SceneBatches, TrainConfig, main, resize_position_embeddings
 
 
 def test_position_embeddings_resize_to_a_larger_token_grid():
@@ -24,3 +26,13 @@ def test_position_embeddings_resize_to_a_larger_token_grid():
     flat = {"image_encoder.pos_embed": torch.full((1, 16, 16, 4), 0.5)}
     torch.testing.assert_close(resize_position_embeddings(flat, 24)["image_encoder.pos_embed"],
                                torch.full((1, 24, 24, 4), 0.5))
+
+
+def test_family_weights_choose_the_scene_mix():
+    cfg = TrainConfig(batch_images=6, family_weights=(0.0, 0.0, 0.0, 1.0, 0.0))  # shadow scenes only
+    batch = next(iter(SceneBatches(cfg, seed_offset=0, rng_seed=0)))
+    kinds = {REGION_KINDS[k] for k in batch["kinds"].tolist()}
+    assert kinds <= {"object", "shadow"} and "shadow" in kinds
+    assert batch["masks"].shape[0] == 6 * cfg.regions_per_image
+    with pytest.raises(SystemExit):  # a negative weight is refused before anything is built
+        main(["--family-weights", "0.1", "0.1", "-0.2", "0.5", "0.2", "--minutes", "0"])
