@@ -11,7 +11,7 @@ and ``.md``.
 
 To say where the errors are, it also breaks mIoU down by region area, next to a *mask-resolution
 reference*: the IoU of the ground truth itself after a round trip through SAM's output path (area-
-averaged onto the decoder's low-res logit grid, 64 x 64 for the small preset, as logits, then
+averaged onto the decoder's low-res logit grid, 96 x 96 for the small preset at 384 px, as logits, then
 upsampled and thresholded as :meth:`FrozenSam.postprocess` does). A region the reference already
 loses cannot be drawn exactly by any decoder output; a gap well below the reference is the model's.
 It also splits each kind by whether a region comes within 2 px of another region of its kind: two objects
