@@ -127,7 +127,7 @@ class TrainConfig:
     non_object_weight: float = 3.0  # region sampling weight of blur/shadow/mirror vs objects
     family_weights: tuple[float, ...] = (0.15, 0.15, 0.25, 0.25, 0.2)  # FAMILIES order
     max_points: int = 5  # round-1 points incl. padding
-    loss_size: int = 128  # resolution of the single-mask loss (multimask outputs: the logits' own 64)
+    loss_size: int = 128  # resolution of the single-mask loss (multimask outputs: the logits' own grid, 96 at 384 px)
     val_scenes_per_family: int = 12
 
 
