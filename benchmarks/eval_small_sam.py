@@ -34,8 +34,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from alignsam.sam import FrozenSam
-from alignsam.synthetic import FAMILIES, REGION_KINDS, corrective_click, dilate, interior_point, make_split
+from alignsam.synthetic import (
+    FAMILIES,
+    REGION_KINDS,
+    corrective_click,
+    dilate,
+    interior_point,
+    make_scene,
+    make_split,
+)
 from benchmarks.common import RESULTS, write_results
+from benchmarks.train_small_sam import VAL_SEED_START, validation_seeds
 
 TARGET_ONE_CLICK = {"object": 0.75, "blur": 0.65, "shadow": 0.65, "mirror": 0.65}
 TARGET_CORRECTED = 0.85
@@ -126,7 +135,10 @@ def area_bin(area: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="alignsam/assets/sam_small.pth")
-    parser.add_argument("--scenes", type=int, default=40, help="test-split scenes per family")
+    parser.add_argument("--scenes", type=int, default=40, help="scenes per family")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="test: the benchmark's test split; val: SAM-training validation seeds (from "
+                        f"{VAL_SEED_START}), to choose between training runs without looking at the test split")
     parser.add_argument("--clicks", type=int, default=5, help="corrective clicks after the first")
     parser.add_argument("--mask-input", action="store_true", help="feed previous low-res logits back")
     parser.add_argument("--threads", type=int, default=2)
@@ -145,8 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     dec_times: list[float] = []
     enc_times: list[float] = []
     t_start = time.time()
-    for family in FAMILIES:
-        for scene in make_split(family, "test", n=args.scenes):
+    for f, family in enumerate(FAMILIES):
+        scenes = (make_split(family, "test", n=args.scenes) if args.split == "test"
+                  else [make_scene(family, s) for s in validation_seeds(f, args.scenes)])
+        for scene in scenes:
             t0 = time.perf_counter()
             sam.embed(scene.image)
             enc_times.append((time.perf_counter() - t0) * 1000.0)
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint": args.checkpoint,
         "checkpoint_sha256": sam.model_id,
         "scenes_per_family": args.scenes,
+        "split": args.split,
         "corrective_clicks": args.clicks,
         "mask_input": args.mask_input,
         "encoder_ms_median": float(np.median(enc_times)),
@@ -213,8 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     md = RESULTS / f"{args.name}.md"
     extra = [
         "",
-        f"Checkpoint `{args.checkpoint}` ({sam.model_id}); {args.scenes} test-split scenes per family "
-        f"(seeds 10000+, never seen in SAM training); every promptable region; first click at the region's "
+        f"Checkpoint `{args.checkpoint}` ({sam.model_id}); {args.scenes} {args.split}-split scenes per family "
+        f"(seeds {'10000' if args.split == 'test' else VAL_SEED_START}+, never seen in SAM training); every "
+        "promptable region; first click at the region's "
         f"interior-most point, then up to {args.clicks} corrective clicks at the interior-most point of the "
         f"largest error region; mask_input fed back: {args.mask_input}. NoC@85 counts {2 + args.clicks} when "
         f"never reached. Encoder {results['encoder_ms_median']:.1f} ms/image, decoder "

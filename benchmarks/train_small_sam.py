@@ -99,6 +99,7 @@ from alignsam.synthetic import (
     FAMILIES,
     REGION_KINDS,
     SAM_SEED_START,
+    dilate,
     erode,
     interior_point,
     make_scene,
@@ -125,6 +126,8 @@ class TrainConfig:
     centre_click_prob: float = 0.5  # round 1: the interior-most point instead of a random interior pixel
     mask_input_prob: float = 0.3  # rounds >= 2: feed previous low-res logits
     non_object_weight: float = 3.0  # region sampling weight of blur/shadow/mirror vs objects
+    small_region_area: int = 500  # pixels (256-px scenes): the area bins furthest below the resolution reference
+    small_region_boost: float = 1.0  # region sampling weight factor of regions under small_region_area
     family_weights: tuple[float, ...] = (0.15, 0.15, 0.25, 0.25, 0.2)  # FAMILIES order
     max_points: int = 5  # round-1 points incl. padding
     loss_size: int = 128  # resolution of the single-mask loss (multimask outputs: the logits' own grid, 96 at 384 px)
@@ -138,13 +141,6 @@ def _random_pixel(rng: np.random.Generator, mask: np.ndarray) -> tuple[int, int]
         return None
     i = int(rng.integers(len(ys)))
     return int(xs[i]), int(ys[i])
-
-
-def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
-    out = mask
-    for _ in range(steps):
-        out = ~erode(~out)
-    return out
 
 
 def first_clicks(rng: np.random.Generator, region: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +162,7 @@ def first_clicks(rng: np.random.Generator, region: np.ndarray, cfg: TrainConfig)
             if q is not None and k < cfg.max_points:
                 pts[k], labels[k] = q, 1
                 k += 1
-        ring = _dilate(region, int(rng.integers(3, 20))) & ~region
+        ring = dilate(region, int(rng.integers(3, 20))) & ~region
         for _ in range(n_neg):
             q = _random_pixel(rng, ring if ring.any() and rng.uniform() < 0.7 else ~region)
             if q is not None and k < cfg.max_points:
@@ -200,6 +196,7 @@ class SceneBatches(IterableDataset):
                 scene_seed += 1
                 images.append(scene.image)
                 w = np.array([1.0 if k == "object" else cfg.non_object_weight for k in scene.region_kinds])
+                w *= np.where([m.sum() < cfg.small_region_area for m in scene.regions], cfg.small_region_boost, 1.0)
                 k = min(cfg.regions_per_image, len(scene.regions))
                 chosen = list(rng.choice(len(scene.regions), size=k, replace=False, p=w / w.sum()))
                 while len(chosen) < cfg.regions_per_image:
@@ -309,10 +306,18 @@ def validation_set(cfg: TrainConfig) -> list[tuple[np.ndarray, list[np.ndarray],
     """Held-out scenes (seeds from :data:`VAL_SEED_START`) with every region's interior-most point."""
     out = []
     for f, family in enumerate(FAMILIES):
-        for i in range(cfg.val_scenes_per_family):
-            s = make_scene(family, VAL_SEED_START + 1000 * f + i)
+        for seed in validation_seeds(f, cfg.val_scenes_per_family):
+            s = make_scene(family, seed)
             out.append((s.image, s.regions, s.region_kinds, [interior_point(r) for r in s.regions]))
     return out
+
+
+def validation_seeds(family_index: int, n: int) -> range:
+    """Seeds of the first ``n`` validation scenes of family ``FAMILIES[family_index]`` (at most 1000)."""
+    if n > 1000:
+        raise ValueError("at most 1000 validation scenes per family")
+    start = VAL_SEED_START + 1000 * family_index
+    return range(start, start + n)
 
 
 @torch.no_grad()
@@ -423,6 +428,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="rounds >= 2: share of prompts fed the previous logits (default: TrainConfig)")
     parser.add_argument("--family-weights", type=float, nargs=len(FAMILIES), default=None, metavar="W",
                         help=f"sampling weights of the scene families ({' '.join(FAMILIES)}; default: TrainConfig)")
+    parser.add_argument("--small-region-boost", type=float, default=None, metavar="B",
+                        help="draw regions under TrainConfig.small_region_area pixels B times as often "
+                        "(default: TrainConfig, 1)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -440,6 +448,10 @@ def main(argv: list[str] | None = None) -> None:
         if min(args.family_weights) < 0 or sum(args.family_weights) <= 0:
             parser.error("--family-weights: non-negative, not all zero")
         cfg.family_weights = tuple(args.family_weights)
+    if args.small_region_boost is not None:
+        if args.small_region_boost <= 0:
+            parser.error("--small-region-boost: positive")
+        cfg.small_region_boost = args.small_region_boost
     spec = get_spec(cfg.preset)
     if args.image_size is not None:
         spec = dataclasses.replace(spec, image_size=args.image_size)

@@ -43,3 +43,16 @@ def test_touching_counts_only_regions_of_the_same_kind_within_the_gap():
     assert touches_same_kind([a, box(5, 19, 15, 25)], ["shadow"] * 2) == [False, False]  # 4 px apart
     # Two regions on opposite image borders are far apart: the border is not part of either one's surroundings.
     assert touches_same_kind([box(0, 0, 5, 5), box(35, 35, 40, 40)], ["shadow"] * 2) == [False, False]
+
+
+def test_validation_seeds_are_disjoint_from_the_benchmark_splits_and_sam_training():
+    from alignsam.synthetic import FAMILIES, SAM_SEED_START, split_seeds
+    from benchmarks.train_small_sam import validation_seeds
+
+    seeds = [set(validation_seeds(f, 1000)) for f in range(len(FAMILIES))]
+    assert all(not (a & b) for i, a in enumerate(seeds) for b in seeds[i + 1 :])  # one seed range per family
+    every = set().union(*seeds)
+    assert max(every) < SAM_SEED_START
+    assert not every & (set(split_seeds("train")) | set(split_seeds("test")))
+    with pytest.raises(ValueError):
+        validation_seeds(0, 1001)  # would run into the next family's seeds

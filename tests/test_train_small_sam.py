@@ -36,3 +36,17 @@ def test_family_weights_choose_the_scene_mix():
     assert batch["masks"].shape[0] == 6 * cfg.regions_per_image
     with pytest.raises(SystemExit):  # a negative weight is refused before anything is built
         main(["--family-weights", "0.1", "0.1", "-0.2", "0.5", "0.2", "--minutes", "0"])
+
+
+def test_small_region_boost_draws_small_regions_more_often():
+    def small_share(boost: float) -> float:
+        cfg = TrainConfig(batch_images=12, regions_per_image=1, family_weights=(0.0, 0.0, 0.0, 1.0, 0.0),
+                          small_region_boost=boost)
+        batch = next(iter(SceneBatches(cfg, seed_offset=0, rng_seed=0)))  # the same scenes for every boost
+        return float((batch["masks"].sum(dim=(1, 2)) < cfg.small_region_area).float().mean())
+
+    plain, boosted = small_share(1.0), small_share(1e6)
+    assert boosted > plain
+    assert boosted >= 0.25  # a scene with a small region (about a third of these) then nearly always gives it
+    with pytest.raises(SystemExit):
+        main(["--small-region-boost", "0", "--minutes", "0"])
