@@ -187,7 +187,7 @@ class PromptEnv:
         self.prev_mask = self.sam.low_res_to_grid(self.low_res)  # [B, 1, h, w] = M_{t-1}
 
     def step(self, actions: torch.Tensor, labels: torch.Tensor) -> StepResult:
-        """Adds the patch centre of ``actions [B]`` with ``labels [B]`` (1/0) and re-decodes."""
+        """Adds the patch centre of ``actions [B]`` with ``labels [B]`` (1/0; -1: not prompted) and re-decodes."""
         if self.t >= self.steps:
             raise RuntimeError(f"episode already has its {self.steps} steps; call reset()")
         actions = actions.to(self.device)

@@ -89,7 +89,7 @@ class AlignSAM:
         """Segments the bundle's target (or ``text``) in each image.
 
         ``actions`` / ``labels`` / ``steps`` select the paper's ablations (random actions, all
-        points positive, T=1); ``masks`` (ground truth) is needed only for ``labels="gt"``.
+        points positive, T=1); ``masks`` (ground truth) is needed only for ``labels="gt"`` / ``"gt-positive"``.
         """
         text = text or self.text
         cfg = self.bundle.config

@@ -24,7 +24,9 @@ from alignsam.sam import FrozenSam, Size
 from alignsam.srm import SRM, SRMOutput
 
 ActionSource = Literal["agent", "random"]
-LabelSource = Literal["srm", "positive", "gt"]
+LabelSource = Literal["srm", "positive", "gt", "gt-positive"]
+"""Who labels the chosen points: the SRM (AlignSAM), every point positive (w/o SRM), the ground truth, or the ground
+truth's positives only (a point off the target is not prompted at all: label -1, SAM's padding)."""
 InitSource = Literal["srm", "gt"]
 
 
@@ -188,6 +190,8 @@ def rollout(
             lab = torch.ones(b, dtype=torch.long, device=sam.device)
         else:
             lab = env.gt_at(action).long()
+            if labels == "gt-positive":
+                lab = torch.where(lab == 1, lab, torch.full_like(lab, -1))
         env.step(action, lab)
     fr = env.foreground_rate() if env.has_gt and steps > 0 else None
     probs = env.probs()

@@ -166,6 +166,14 @@ def test_ablations_change_the_rollout(sam, clip, trained):
     assert len(model.predict(img, steps=1)[0].points) == 3
     rand = model.predict(img, actions="random", generator=torch.Generator().manual_seed(0))[0]
     assert len({(x, y) for x, y, _ in rand.points[2:]}) == 3  # never the same patch twice
+    # Ground-truth labels: a point is positive exactly where it lies on the mask; "gt-positive" prompts only those.
+    gt = [samples[1].mask]
+    full = model.predict(img, labels="gt", masks=gt)[0].points[2:]
+    assert all(lab == int(gt[0][int(y), int(x)]) for x, y, lab in full)
+    kept = model.predict(img, labels="gt-positive", masks=gt)[0].points[2:]
+    assert all(lab == 1 and gt[0][int(y), int(x)] for x, y, lab in kept)
+    if full[0][2] == 1:  # the first agent point comes before any label differs, so it is the same point
+        assert kept and kept[0] == full[0]
 
 
 def load_bundle_from(result, sam):
