@@ -3,7 +3,7 @@
 The quality table's "w/o SRM" row labels every agent point positive. Where it beats AlignSAM, this says whether a
 better labeller could close the gap: it trains AlignSAM once per task and action grid (the quality benchmark's
 settings: E=50, K=20, T=15, 50 train scenes, implicit SRM, seed 0), then runs the same trained agent on the test
-split with three label sources for its points:
+split with four label sources for its points:
 
 * ``srm``: the SRM's labels (AlignSAM);
 * ``positive``: every point positive (w/o SRM);
