@@ -24,14 +24,19 @@ ABLATIONS: dict[str, dict[str, object]] = {
 }
 
 
+def on_target(gt: np.ndarray, x: float, y: float) -> bool:
+    """Whether the point ``(x, y)`` (image pixels) lies on the ground truth: the pixel at the floor of its coordinates,
+    as the environment's reward reads it."""
+    h, w = gt.shape
+    return bool(gt[min(int(y), h - 1), min(int(x), w - 1)])
+
+
 def points_foreground_rate(points: Sequence[tuple[float, float, int]], gt: np.ndarray) -> float | None:
     """Share of the ``(x, y, label)`` points (label >= 0; -1 is padding) on the ground truth; None without any."""
     chosen = [(x, y) for x, y, label in points if label >= 0]
     if not chosen:
         return None
-    h, w = gt.shape
-    # Pixel of a point = floor of its coordinates, as the environment's reward reads it.
-    hits = [bool(gt[min(int(y), h - 1), min(int(x), w - 1)]) for x, y in chosen]
+    hits = [on_target(gt, x, y) for x, y in chosen]
     return metrics.foreground_rate(gt, hits=np.array(hits))
 
 

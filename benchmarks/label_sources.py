@@ -31,6 +31,7 @@ import torch
 from alignsam import metrics
 from alignsam.bundle import Bundle
 from alignsam.cli import load_sam
+from alignsam.evaluate import on_target
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM, Prediction
 from alignsam.quality import task_samples
@@ -44,10 +45,8 @@ def label_confusion(preds: list[Prediction], gts: list[np.ndarray], initial: int
     """Share of the agent's points on the target, and the share of on- / off-target points labelled 1 / 0."""
     on_pos = on_neg = off_pos = off_neg = 0
     for pred, gt in zip(preds, gts, strict=True):
-        h, w = gt.shape
         for x, y, label in pred.points[initial:]:
-            on = bool(gt[min(int(y), h - 1), min(int(x), w - 1)])  # the pixel the environment's reward reads
-            if on:
+            if on_target(gt, x, y):
                 on_pos += label == 1
                 on_neg += label == 0
             else:
