@@ -3,7 +3,7 @@
 The perception bench prints, per SAM preset (random weights are fine for timing): encoder time per
 image, decoder time per step for 1 and 16 images, the CLIP-Surgery map time, and the cost of one
 15-step episode on a cached embedding relative to one encoder pass (target for vit_b: < 15%).
-Scripts in ``benchmarks/`` call these and write their results under ``benchmarks/results/``.
+The caller says where results go (``benchmarks/`` writes them under its ``results/``; ``alignsam bench --out``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import torch
 
 from alignsam.env import EnvConfig, PromptEnv
 from alignsam.sam import FrozenSam
-
-DEFAULT_RESULTS = Path.cwd() / "benchmarks" / "results"
 
 
 def machine() -> dict[str, object]:
@@ -72,10 +70,9 @@ def write_results(
     results: dict[str, object],
     table: list[tuple[str, ...]],
     headers: tuple[str, ...],
-    out_dir: Path | None = None,
+    out_dir: Path,
 ) -> Path:
     """Writes ``<out_dir>/<name>.json`` and ``<name>.md`` (a Markdown table); returns the JSON path."""
-    out_dir = out_dir or DEFAULT_RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     payload = {"benchmark": name, "created": stamp, "machine": machine(), "results": results}
@@ -147,6 +144,7 @@ def bench_clip(model: str, device: str, image_side: int, repeat: int) -> dict[st
 
 
 def run_perception_bench(
+    out_dir: Path,
     presets: list[str] | tuple[str, ...] = ("vit_b", "small"),
     device: str = "cpu",
     image_side: int = 800,
@@ -154,9 +152,8 @@ def run_perception_bench(
     repeat: int = 5,
     clip_model: str = "ViT-B-16",
     name: str | None = None,
-    out_dir: Path | None = None,
 ) -> dict[str, object]:
-    """Runs the perception bench, prints a line per model and writes the results files."""
+    """Runs the perception bench, prints a line per model and writes ``<out_dir>/<name>.json`` / ``.md``."""
     torch.manual_seed(0)
     results: dict[str, object] = {"device": device, "image_side": image_side, "steps": steps}
     rows = []

@@ -13,52 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from alignsam.errors import AlignSamError, DataError
-
-ASSETS = Path(__file__).parent / "assets"
-BUNDLED_SMALL_SAM = ASSETS / "sam_small.pth"
-
-
-def _warn(msg: str) -> None:
-    print(f"WARNING: {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------- model loading
-def load_sam(preset: str, checkpoint: str | None, device: str, cache_dir: str | None = None):
-    from alignsam.sam import FrozenSam
-
-    if checkpoint is None and preset == "small" and BUNDLED_SMALL_SAM.is_file():
-        checkpoint = str(BUNDLED_SMALL_SAM)
-    if checkpoint is None:
-        _warn(
-            f"no checkpoint for SAM preset {preset!r}: using RANDOM weights. Masks are meaningless; "
-            "this only exercises the plumbing. Pass --sam-checkpoint for real work."
-        )
-    return FrozenSam.from_preset(preset, checkpoint=checkpoint, device=device, cache_dir=cache_dir)
-
-
-def load_clip(preset: str, pretrained: str | None, device: str):
-    from alignsam.clip_surgery import ClipSurgery
-
-    if preset == "none":
-        return None
-    kwargs = {"device": device}
-    if pretrained:
-        kwargs["pretrained"] = pretrained
-    clip = ClipSurgery.from_preset(preset, **kwargs)
-    if clip.pretrained is None:
-        _warn(f"CLIP preset {preset!r} has random weights: its similarity maps carry no text meaning.")
-    return clip
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+from alignsam.loading import BUNDLED_SMALL_SAM, load_clip, load_sam, resolve_device
+from alignsam.viz import mask_png, overlay, progress_printer, save_png
 
 
 def _add_model_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
@@ -69,30 +26,6 @@ def _add_model_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
     if clip:
         p.add_argument("--clip-preset", default="vit_b16", help="vit_b16 (OpenAI ViT-B/16) | tiny | none")
         p.add_argument("--clip-pretrained", default=None, help="open_clip tag or local weights file")
-
-
-# ---------------------------------------------------------------------------------- drawing
-def overlay(image: np.ndarray, mask: np.ndarray, points: Sequence[tuple[float, float, int]]) -> np.ndarray:
-    """The image with the mask tinted and the prompt points drawn (green positive, red negative)."""
-    from PIL import Image, ImageDraw
-
-    out = image.astype(np.float32).copy()
-    tint = np.array([40, 200, 255], np.float32)
-    out[mask] = 0.55 * out[mask] + 0.45 * tint
-    pil = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
-    r = max(3, round(min(image.shape[:2]) / 80))
-    for x, y, label in points:
-        color = (0, 230, 0) if label == 1 else (240, 0, 0)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=color, outline=(255, 255, 255))
-    return np.asarray(pil)
-
-
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -107,26 +40,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def progress_printer():
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def callback(p) -> None:
-        if p.stage == "training":
-            bar = bars.get(p.branch)
-            if bar is None:
-                bar = bars[p.branch] = tqdm(total=p.episodes, desc=f"train {p.branch}", unit="ep", file=sys.stderr)
-            bar.update(p.episode - bar.n)
-            bar.set_postfix(reward=f"{p.reward:.2f}", fr=f"{p.foreground_rate:.2f}", srm=f"{p.srm_loss:.3f}")
-            if p.episode == p.episodes:
-                bar.close()
-        elif p.stage == "done":
-            print(f"chose the {p.branch} SRM branch (validation mIoU {p.val_miou:.3f})", file=sys.stderr)
-
-    return callback
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from alignsam.bundle import save_bundle
     from alignsam.data import load_folder
@@ -134,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from alignsam.train import TrainConfig, train
 
     samples = load_folder(args.images, args.masks, args.prompt, limit=args.samples)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     sam = load_sam(args.sam_preset, args.sam_checkpoint, device, args.cache_dir)
     clip = load_clip(args.clip_preset, args.clip_pretrained, device) if args.branch != "implicit" else None
     cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, steps=args.steps), branch=args.branch, seed=args.seed)
@@ -152,7 +65,7 @@ def _load_model(args: argparse.Namespace):
     from alignsam.predict import AlignSAM
 
     meta = read_meta(args.bundle)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     sam = load_sam(meta["sam_preset"], args.sam_checkpoint, device, args.cache_dir)
     clip = None
     if meta["branch"] == "explicit":
@@ -173,8 +86,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for stem, path in tqdm(sorted(files.items()), desc="predict", unit="img", file=sys.stderr):
         image = read_image(path)
         pred = model.predict([image])[0]
-        _save_png(out / f"{stem}.png", (pred.mask * 255).astype(np.uint8))
-        _save_png(out / f"{stem}.overlay.png", overlay(image, pred.mask, pred.points))
+        save_png(out / f"{stem}.png", mask_png(pred.mask))
+        save_png(out / f"{stem}.overlay.png", overlay(image, pred.mask, pred.points))
         summary.append({"image": stem, "score": round(pred.score, 4), "present": round(pred.present, 4),
                         "area": int(pred.mask.sum()), "points": pred.points})
     (out / "predictions.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -194,7 +107,7 @@ def _eval_synthetic(args: argparse.Namespace) -> int:
             parse_task(task)
         except ValueError as exc:
             raise DataError(str(exc)) from None
-    device = _device(args.device)
+    device = resolve_device(args.device)
     sam = load_sam(args.sam_preset, args.sam_checkpoint, device, args.cache_dir)
     clip = None if args.branch == "implicit" else load_clip(args.clip_preset, args.clip_pretrained, device)
     cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes), branch=args.branch, seed=args.seed)
@@ -232,14 +145,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from alignsam.bench import run_perception_bench
 
-    run_perception_bench(presets=args.presets, device=_device(args.device), repeat=args.repeat)
+    run_perception_bench(Path(args.out), presets=args.presets, device=resolve_device(args.device),
+                         repeat=args.repeat)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from alignsam.demo import run_demo
 
-    return run_demo(Path(args.out), device=_device(args.device), quick=args.quick)
+    return run_demo(Path(args.out), device=resolve_device(args.device), quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", nargs="+", default=["vit_b", "small"])
     p.add_argument("--device", default="auto")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--out", default="bench-results", help="folder for perception_<device>.json / .md")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("presets", help="list SAM presets")

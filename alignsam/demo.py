@@ -13,15 +13,21 @@ otherwise, said loudly); CLIP is the tiny random preset, because no real weights
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from alignsam.cli import ASSETS, _save_png, load_clip, load_sam, overlay, progress_printer
+from alignsam.bundle import save_bundle
 from alignsam.data import Sample, read_image, read_mask
+from alignsam.evaluate import evaluate, format_table
+from alignsam.loading import ASSETS, load_clip, load_sam
+from alignsam.ppo import PPOConfig
+from alignsam.predict import AlignSAM
+from alignsam.synthetic import make_split
+from alignsam.train import TrainConfig, train
+from alignsam.viz import mask_png, overlay, progress_printer, save_png
 
 
 def perception(out: Path, device: str) -> None:
@@ -30,25 +36,18 @@ def perception(out: Path, device: str) -> None:
     image = read_image(ASSETS / "sample.png")
     gt = read_mask(ASSETS / "sample_mask.png")
     sim = clip.similarity_map_full(image, "yellow circle").cpu().numpy()
-    _save_png(out / "clip_map.png", (sim * 255).astype(np.uint8))
+    save_png(out / "clip_map.png", (sim * 255).astype(np.uint8))
     click = (85.0, 105.0)  # inside the big yellow circle
     res = sam.decode([sam.embed(image)], torch.tensor([[click]]), torch.tensor([[1]]), None)
     mask = res.probs[0].cpu().numpy() > 0.5
-    _save_png(out / "sam_one_click.png", (mask * 255).astype(np.uint8))
-    _save_png(out / "sam_one_click.overlay.png", overlay(image, mask, [(*click, 1)]))
+    save_png(out / "sam_one_click.png", mask_png(mask))
+    save_png(out / "sam_one_click.overlay.png", overlay(image, mask, [(*click, 1)]))
     inter, union = (mask & gt).sum(), (mask | gt).sum()
     print(f"[perception] CLIP-Surgery map and one-click SAM mask written to {out} "
           f"(one-click IoU with the yellow circles: {inter / max(union, 1):.3f})", flush=True)
 
 
 def learning(out: Path, device: str, quick: bool) -> dict:
-    from alignsam.bundle import save_bundle
-    from alignsam.evaluate import evaluate, format_table
-    from alignsam.ppo import PPOConfig
-    from alignsam.predict import AlignSAM
-    from alignsam.synthetic import make_split
-    from alignsam.train import TrainConfig, train
-
     family = "saliency"
     n_train, n_test = (16, 8) if quick else (50, 24)
     train_scenes = make_split(family, "train", n_train)
@@ -66,8 +65,8 @@ def learning(out: Path, device: str, quick: bool) -> dict:
     model = AlignSAM.from_bundle(bundle_path, sam, clip)
     preds = model.predict([s.image for s in test_scenes])
     for i, (scene, pred) in enumerate(zip(test_scenes, preds, strict=True)):
-        _save_png(out / "test" / f"test{i:03d}.png", (pred.mask * 255).astype(np.uint8))
-        _save_png(out / "test" / f"test{i:03d}.overlay.png", overlay(scene.image, pred.mask, pred.points))
+        save_png(out / "test" / f"test{i:03d}.png", mask_png(pred.mask))
+        save_png(out / "test" / f"test{i:03d}.overlay.png", overlay(scene.image, pred.mask, pred.points))
     test = [Sample(s.image, s.mask, s.text, f"test{i:03d}") for i, s in enumerate(test_scenes)]
     table = evaluate(model, test, ablations=True)
     print(format_table(table), flush=True)
@@ -82,10 +81,5 @@ def learning(out: Path, device: str, quick: bool) -> dict:
 def run_demo(out: Path, device: str = "cpu", quick: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
     perception(out, device)
-    try:
-        import alignsam.synthetic  # noqa: F401
-    except ImportError:
-        print("[learning] skipped: alignsam.synthetic is not available", file=sys.stderr)
-        return 0
     learning(out, device, quick)
     return 0

@@ -28,8 +28,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_perception_bench(args.presets, args.device, args.image_side, args.steps, args.repeat,
-                         args.clip_model, args.name, RESULTS)
+    run_perception_bench(RESULTS, args.presets, args.device, args.image_side, args.steps, args.repeat,
+                         args.clip_model, args.name)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import torch
 
 from alignsam import metrics
 from alignsam.bundle import Bundle
-from alignsam.cli import load_sam
 from alignsam.evaluate import on_target
+from alignsam.loading import load_sam
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM, Prediction
 from alignsam.quality import task_samples

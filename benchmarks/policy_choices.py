@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from alignsam.bundle import Bundle
-from alignsam.cli import load_sam
 from alignsam.data import Sample
 from alignsam.evaluate import evaluate
+from alignsam.loading import load_sam
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
 from alignsam.synthetic import make_split

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from alignsam.cli import load_clip, load_sam
 from alignsam.evaluate import format_table
+from alignsam.loading import load_clip, load_sam
 from alignsam.ppo import PPOConfig
 from alignsam.quality import DEFAULT_TASKS, run_task
 from alignsam.train import TrainConfig

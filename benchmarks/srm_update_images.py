@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from alignsam.cli import load_clip, load_sam
+from alignsam.loading import load_clip, load_sam
 from alignsam.ppo import PPOConfig
 from alignsam.quality import run_task
 from alignsam.srm import SRMConfig

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignsam.cli import BUNDLED_SMALL_SAM, load_sam
+from alignsam.loading import BUNDLED_SMALL_SAM, load_sam
 from alignsam.ppo import PPOConfig
 from alignsam.quality import run_task
 from alignsam.train import TrainConfig

@@ -2,16 +2,16 @@
 
 Loaded once per process (:func:`models`), from the one settings object: ``SAM_PRESET`` / ``SAM_CHECKPOINT``,
 ``CLIP_PRESET`` / ``CLIP_PRETRAINED``, ``DEVICE`` (``auto`` -> cuda when available). Loading goes through
-``alignsam.cli.load_sam`` / ``load_clip``, the same code the ``alignsam`` command uses (bundled small SAM
+``alignsam.loading``, the same code the ``alignsam`` command uses (bundled small SAM
 checkpoint for ``small``; loud warnings for random weights). SAM's image embeddings are cached on disk under
 ``MODEL_DIR/embeddings`` so every image is encoded once per SAM model, across jobs and processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from alignsam.bundle import read_meta
-from alignsam.cli import BUNDLED_SMALL_SAM, load_clip, load_sam
 from alignsam.clip_surgery import ClipSurgery
+from alignsam.loading import load_clip, load_sam, resolve_device, warn_if_plumbing_only
 from alignsam.predict import AlignSAM
 from alignsam.sam import FrozenSam
 from ml_backend.settings import Settings, get_settings
@@ -29,17 +29,8 @@ from ml_backend.settings import Settings, get_settings
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def label_slug(label: str) -> str:
     """A label as a folder name (stable, readable, collision-safe enough with the hash suffix)."""
-    import hashlib
-
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "label"
     return f"{safe[:40]}-{hashlib.sha256(label.encode()).hexdigest()[:6]}"
 
@@ -47,21 +38,6 @@ def label_slug(label: str) -> str:
 def bundle_path(settings: Settings, project_id: int, label: str, version: str) -> Path:
     """Where the policy ``version`` of ``label`` in ``project_id`` lives (MODEL_DIR may be a shared volume)."""
     return settings.policy_dir / str(project_id) / label_slug(label) / f"{version}.pt"
-
-
-def warn_if_plumbing_only(settings: Settings) -> None:
-    """Say loudly when the configured SAM cannot give real masks."""
-    real = settings.sam_checkpoint is not None or (settings.sam_preset == "small" and BUNDLED_SMALL_SAM.is_file())
-    if not real or settings.sam_preset in ("small", "tiny"):
-        print(
-            "\n" + "!" * 100 + f"\n!! SAM preset {settings.sam_preset!r}"
-            + (" with RANDOM weights" if not real else "")
-            + ": masks are for trying the plumbing, NOT for real work.\n"
-            "!! Set SAM_PRESET=vit_b and SAM_CHECKPOINT=/path/sam_vit_b_01ec64.pth (and CLIP_PRESET=vit_b16) "
-            "for real masks.\n" + "!" * 100 + "\n",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 @dataclass
@@ -106,7 +82,7 @@ def load_models(settings: Settings | None = None) -> Models:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    warn_if_plumbing_only(settings)
+    warn_if_plumbing_only(settings.sam_preset, settings.sam_checkpoint)
     settings.embedding_cache_dir.mkdir(parents=True, exist_ok=True)
     sam = load_sam(
         settings.sam_preset,
