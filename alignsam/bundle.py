@@ -22,9 +22,9 @@ import torch
 
 from alignsam.agent import PromptAgent
 from alignsam.errors import BundleError
+from alignsam.policy import TrainConfig, TrainedPolicy
 from alignsam.sam import FrozenSam
 from alignsam.srm import SRM
-from alignsam.train import TrainConfig, TrainedPolicy, make_srm
 
 FORMAT = "alignsam-policy"
 FORMAT_VERSION = 3  # 2: agent and SRM read projected states (alignsam.projection); 3: the agent's stem reads the
@@ -156,7 +156,7 @@ def load_bundle(path: str | os.PathLike, sam: FrozenSam | None = None, device: s
     cfg = TrainConfig.from_dict(meta["config"])
     agent = PromptAgent(meta["embed_dim"], tuple(meta["grid"]), hidden=cfg.agent_hidden, use_history=cfg.use_history,
                         state_channels=cfg.agent_state_channels)
-    srm = make_srm(meta["embed_dim"], replace(cfg.srm, branch=meta["branch"]))
+    srm = SRM.from_config(meta["embed_dim"], replace(cfg.srm, branch=meta["branch"]))
     try:
         agent.load_state_dict(payload["agent"])
         srm.load_state_dict(payload["srm"])

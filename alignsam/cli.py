@@ -43,8 +43,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from alignsam.bundle import save_bundle
     from alignsam.data import load_folder
+    from alignsam.policy import TrainConfig
     from alignsam.ppo import PPOConfig
-    from alignsam.train import TrainConfig, train
+    from alignsam.train import train
 
     samples = load_folder(args.images, args.masks, args.prompt, limit=args.samples)
     device = resolve_device(args.device)
@@ -98,9 +99,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _eval_synthetic(args: argparse.Namespace) -> int:
     """``alignsam eval --synthetic TASK``: train on a synthetic task's train split, the full table on its test split."""
     from alignsam.evaluate import format_table
+    from alignsam.policy import TrainConfig
     from alignsam.ppo import PPOConfig
     from alignsam.quality import parse_task, run_task
-    from alignsam.train import TrainConfig
 
     for task in args.synthetic:
         try:

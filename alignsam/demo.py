@@ -23,10 +23,11 @@ from alignsam.bundle import save_bundle
 from alignsam.data import Sample, read_image, read_mask
 from alignsam.evaluate import evaluate, format_table
 from alignsam.loading import ASSETS, load_clip, load_sam
+from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
 from alignsam.synthetic import make_split
-from alignsam.train import TrainConfig, train
+from alignsam.train import train
 from alignsam.viz import mask_png, overlay, progress_printer, save_png
 
 

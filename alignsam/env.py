@@ -8,7 +8,7 @@ state. Everything is held as tensors for B images at once; nothing leaves the de
 
 - action ``a`` -> patch ``(row, col) = divmod(a, grid_w)`` -> point at the patch centre, mapped
   from the view to original-image pixels (the view is the whole image resized, so the mapping is
-  a per-axis scale; ``view_size`` only documents the paper's 800 px);
+  a per-axis scale and the paper's 800 px view needs no constant);
 - state ``s_t = F_I * M_{t-1}``: the SAM embedding times the previous mask probability on the
   embedding grid (64x64 for ViT presets). The env keeps ``image_index`` and ``prev_mask``, never
   the product, so buffers stay small; :meth:`PromptEnv.state` forms it on demand;
@@ -31,7 +31,6 @@ class EnvConfig:
     """Environment constants, defaults from the paper."""
 
     grid: tuple[int, int] = (10, 10)  # patches per (row, col): the action space
-    view_size: int = 800  # the paper's view; patches are view_size / grid px
     steps: int = 15  # T, actions per episode
     use_mask_input: bool = False  # feed the previous low-res logits back to SAM as mask_input
     init_sample_res: int = 128  # ground truth is sampled on this many pixel centres per side

@@ -25,11 +25,12 @@ from alignsam.bundle import Bundle
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.data import Sample
 from alignsam.evaluate import evaluate, points_foreground_rate
+from alignsam.policy import TrainConfig
 from alignsam.predict import AlignSAM
 from alignsam.rollout import encode
 from alignsam.sam import FrozenSam
 from alignsam.synthetic import CATEGORIES, FAMILIES, make_split
-from alignsam.train import TrainConfig, train
+from alignsam.train import Timings, train
 
 DEFAULT_TASKS: tuple[str, ...] = ("semantic:circle", "saliency", "blur", "shadow", "mirror")
 """The paper's five task types: one semantic category and the four region families."""
@@ -82,7 +83,7 @@ def run_task(
     train_samples = task_samples(task, "train", n_train)
     test_samples = task_samples(task, "test", n_test)
     t0 = time.perf_counter()
-    result = train(sam, train_samples, cfg, clip=clip)
+    result = train(sam, train_samples, cfg, clip=clip, timings=Timings())
     train_s = time.perf_counter() - t0
     p = result.policy
     text = train_samples[0].text

@@ -27,7 +27,6 @@ ActionSource = Literal["agent", "random"]
 LabelSource = Literal["srm", "positive", "gt", "gt-positive"]
 """Who labels the chosen points: the SRM (AlignSAM), every point positive (w/o SRM), the ground truth, or the ground
 truth's positives only (a point off the target is not prompted at all: label -1, SAM's padding)."""
-InitSource = Literal["srm", "gt"]
 
 
 @dataclass
@@ -143,6 +142,24 @@ def srm_point_labels(
     return (out.logits[rows, 0, rc[:, 0], rc[:, 1]] > 0).long()
 
 
+def label_actions(
+    labels: LabelSource, sam: FrozenSam, env: PromptEnv, srm_in: SrmInputs, srm: SRM, action: torch.Tensor,
+    sizes: list[Size],
+) -> torch.Tensor:
+    """Labels of the patches ``action [B]`` just chosen on ``env``'s current images (of sizes ``sizes``), before
+    :meth:`PromptEnv.step`: ``[B]`` long, 1 foreground / 0 background / -1 not prompted (``gt-positive`` off the
+    target). The one labelling step of training rollouts and of inference."""
+    if labels == "srm":
+        xy = env.action_xy[env.image_index, action]
+        return srm_point_labels(sam, srm_in, srm, env.image_index, env.prev_mask, xy, sizes)
+    if labels == "positive":
+        return torch.ones(len(action), dtype=torch.long, device=action.device)
+    lab = env.gt_at(action).long()
+    if labels == "gt-positive":
+        lab = torch.where(lab == 1, lab, torch.full_like(lab, -1))
+    return lab
+
+
 def random_actions(history: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """A uniformly random not-yet-chosen action per row of ``history [B, A]`` (the w/o-RL ablation)."""
     weights = (history < 0.5).float().cpu()
@@ -155,26 +172,18 @@ def rollout(
     env: PromptEnv,
     srm_in: SrmInputs,
     agent: PromptAgent | None,
-    srm: SRM | None,
+    srm: SRM,
     idx: torch.Tensor,
     steps: int,
     actions: ActionSource = "agent",
     labels: LabelSource = "srm",
-    init: InitSource = "srm",
     mask_repeats: bool = True,
     generator: torch.Generator | None = None,
 ) -> RolloutResult:
     """Runs one deterministic (argmax) episode of ``steps`` actions on images ``idx`` of ``env``."""
     sizes = [env.sizes[i] for i in idx.tolist()]
-    b = len(idx)
-    present = torch.ones(b, device=sam.device)
-    if init == "srm":
-        if srm is None:
-            raise ValueError("SRM initial points need an SRM")
-        points, point_labels, present = srm_initial_points(sam, srm_in, srm, idx)
-        env.reset(idx, points, point_labels, steps=steps)
-    else:
-        env.reset(idx, generator=generator, steps=steps)
+    points, point_labels, present = srm_initial_points(sam, srm_in, srm, idx)
+    env.reset(idx, points, point_labels, steps=steps)
     for _ in range(steps):
         if actions == "agent":
             assert agent is not None
@@ -182,17 +191,7 @@ def rollout(
                                      mask_repeats=mask_repeats, deterministic=True)
         else:
             action = random_actions(env.history, generator)
-        xy = env.action_xy[env.image_index, action]
-        if labels == "srm":
-            assert srm is not None
-            lab = srm_point_labels(sam, srm_in, srm, env.image_index, env.prev_mask, xy, sizes)
-        elif labels == "positive":
-            lab = torch.ones(b, dtype=torch.long, device=sam.device)
-        else:
-            lab = env.gt_at(action).long()
-            if labels == "gt-positive":
-                lab = torch.where(lab == 1, lab, torch.full_like(lab, -1))
-        env.step(action, lab)
+        env.step(action, label_actions(labels, sam, env, srm_in, srm, action, sizes))
     fr = env.foreground_rate() if env.has_gt and steps > 0 else None
     probs = env.probs()
     probs_list = list(probs) if isinstance(probs, torch.Tensor) else probs

@@ -14,12 +14,12 @@ by measurement.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,53 +27,16 @@ import torch
 from alignsam.agent import PromptAgent
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.data import Sample
-from alignsam.env import EnvConfig, PromptEnv
+from alignsam.env import PromptEnv
 from alignsam.errors import DataError
 from alignsam.metrics import iou as mask_iou
-from alignsam.ppo import PPOConfig, RolloutBuffer, ppo_update
-from alignsam.rollout import Encoded, SrmInputs, add_clip_maps, encode, rollout, srm_point_labels
+from alignsam.policy import TrainConfig, TrainedPolicy
+from alignsam.ppo import RolloutBuffer, ppo_update
+from alignsam.rollout import Encoded, SrmInputs, add_clip_maps, encode, label_actions, rollout
 from alignsam.sam import FrozenSam
-from alignsam.srm import SRM, SRMConfig, srm_update, update_subsets
+from alignsam.srm import SRM, Branch, SRMConfig, srm_update, update_subsets
 
 logger = logging.getLogger(__name__)
-
-Branch = Literal["implicit", "explicit"]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that shapes a training run. PPO and SRM constants keep the paper's defaults."""
-
-    ppo: PPOConfig = field(default_factory=PPOConfig)
-    srm: SRMConfig = field(default_factory=SRMConfig)
-    grid: tuple[int, int] = (10, 10)
-    branch: Literal["implicit", "explicit", "auto"] = "auto"
-    agent_hidden: int = 16
-    # r: SAM embedding channels the agent keeps (a fixed projection fitted per run; None: all). See
-    # alignsam.projection and benchmarks/results/policy_choices.md.
-    agent_state_channels: int | None = 32
-    use_history: bool = True
-    use_mask_input: bool = False
-    # Who labels the chosen points during training rollouts: the SRM (paper) or the ground truth.
-    point_labels: Literal["srm", "gt"] = "srm"
-    val_fraction: float = 0.2
-    rollout_batch: int = 64  # images per batched episode
-    seed: int = 0
-
-    def env_config(self) -> EnvConfig:
-        return EnvConfig(grid=self.grid, steps=self.ppo.steps, use_mask_input=self.use_mask_input)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        ppo = PPOConfig(**d.pop("ppo", {}))
-        srm = SRMConfig(**d.pop("srm", {}))
-        if "grid" in d:
-            d["grid"] = tuple(d["grid"])
-        return cls(ppo=ppo, srm=srm, **d)
 
 
 @dataclass
@@ -96,7 +59,8 @@ class Progress:
 
 @dataclass
 class Timings:
-    """Wall time per part of a run, seconds (for the training benchmark)."""
+    """Wall time per part of a run, seconds. Opt-in (``train(timings=Timings())``): measuring synchronises a GPU
+    around every part, which a production run must not pay for."""
 
     sam_encoding: float = 0.0
     clip: float = 0.0
@@ -108,30 +72,13 @@ class Timings:
 
 
 @dataclass
-class TrainedPolicy:
-    """A trained agent + SRM and what is known about them."""
-
-    agent: PromptAgent
-    srm: SRM
-    branch: str
-    config: TrainConfig
-    val_metrics: dict[str, float]
-    train_names: list[str]
-    history: list[dict] = field(default_factory=list)
-
-
-@dataclass
 class TrainResult:
     policy: TrainedPolicy
     candidates: dict[str, dict[str, float]]  # branch -> validation metrics
-    timings: Timings
+    timings: Timings | None  # what ``train(timings=...)`` was given, filled in; None when not measured
     encoder_calls: int
     clip_calls: int
     baseline_metrics: dict[str, float] | None = None  # the ``baseline`` policy on the same validation images
-
-
-def make_srm(embed_dim: int, cfg: SRMConfig) -> SRM:
-    return SRM.from_config(embed_dim, cfg)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -143,19 +90,26 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-class _Timer:
-    def __init__(self, timings: Timings, name: str, device: torch.device) -> None:
-        self.timings, self.name, self.device = timings, name, device
+class _Clock:
+    """Adds the wall time of ``with clock("part"):`` blocks to ``timings.part``; does nothing without timings."""
 
-    def __enter__(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.t0 = time.perf_counter()
+    def __init__(self, timings: Timings | None, device: torch.device) -> None:
+        self.timings, self.cuda = timings, device.type == "cuda"
 
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        if self.timings is None:
+            yield
+            return
+        if self.cuda:
             torch.cuda.synchronize()
-        setattr(self.timings, self.name, getattr(self.timings, self.name) + time.perf_counter() - self.t0)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            setattr(self.timings, part, getattr(self.timings, part) + time.perf_counter() - t0)
 
 
 def evaluate_policy(
@@ -192,10 +146,103 @@ def _same_projection(agent: PromptAgent, srm: SRM) -> bool:
 
 def _adam(module: torch.nn.Module, lr: float) -> torch.optim.Adam:
     """Adam, with the fused kernel where PyTorch has one: the agent and SRM take thousands of small steps per run,
-    and one fused step over the SRM's ~30 parameter tensors costs 0.2 ms on a CPU thread against 1.0 ms for the
-    per-tensor loop (0.6 ms with ``foreach``); the update it computes is Adam's."""
+    and the fused step is several times cheaper than the per-tensor loop (the update it computes is Adam's)."""
     device = next(module.parameters()).device
     return torch.optim.Adam(module.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+@dataclass
+class _BranchRun:
+    """One SRM branch's training state: the networks, their optimisers, the run's projected inputs, the RNGs."""
+
+    agent: PromptAgent
+    srm: SRM
+    srm_cfg: SRMConfig  # the run's SRM settings for this branch
+    opt_agent: torch.optim.Adam
+    opt_srm: torch.optim.Adam
+    agent_emb: torch.Tensor  # [N, r, h, w] every image's embedding on the agent's projection
+    srm_in: SrmInputs  # the SRM's inputs, embeddings on the SRM's projection
+    semantic: torch.Tensor | None  # the explicit branch's pooled semantic state per image (constant in a run)
+    env: PromptEnv
+    gen: torch.Generator  # episode images, initial points, actions, PPO minibatches
+    srm_gen: torch.Generator  # the SRM's update rows: apart from the action stream
+
+
+def _start_branch(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, train_idx: list[int], branch: Branch,
+                  cfg: TrainConfig, clock: _Clock) -> _BranchRun:
+    """Fresh agent + SRM with projections fitted on the training images; every image's embedding projected once
+    for the run, so rollouts, the K PPO epochs and the SRM updates build states from r channels instead of C."""
+    dev = sam.device
+    torch.manual_seed(cfg.seed)
+    agent = PromptAgent(sam.embed_dim, cfg.grid, hidden=cfg.agent_hidden, use_history=cfg.use_history,
+                        state_channels=cfg.agent_state_channels).to(dev)
+    srm_cfg = replace(cfg.srm, branch=branch)
+    srm = SRM.from_config(sam.embed_dim, srm_cfg).to(dev)
+    train_embeddings = enc.embeddings[torch.tensor(train_idx, device=enc.embeddings.device)]
+    agent.fit_projection(train_embeddings, seed=cfg.seed)
+    srm.fit_projection(train_embeddings, seed=cfg.seed)
+    with clock("rollout_other"):
+        agent_emb = agent.project(enc.embeddings)
+        srm_emb = agent_emb if _same_projection(agent, srm) else srm.project(enc.embeddings)
+    srm_in_run = copy.copy(srm_in)
+    srm_in_run.embeddings = srm_emb
+    semantic = None
+    if branch == "explicit":
+        with torch.no_grad():
+            semantic = srm.pool_semantic(srm_emb, srm_in.clip)
+    return _BranchRun(
+        agent, srm, srm_cfg, _adam(agent, cfg.ppo.lr), _adam(srm, cfg.srm.lr), agent_emb, srm_in_run, semantic,
+        PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config()),
+        torch.Generator().manual_seed(cfg.seed), torch.Generator().manual_seed(cfg.seed + 1),
+    )
+
+
+def _srm_step(run: _BranchRun, idx: torch.Tensor, prev: torch.Tensor | None) -> float:
+    """The paper's M SRM updates against the ground truth on images ``idx`` given SAM's previous probabilities
+    ``prev [B, 1, h, w]`` (None: the blank state before any prompt). Returns the mean loss."""
+    srm_cfg = run.srm_cfg
+    emb = run.srm_in.embeddings[idx]
+    prev = torch.ones_like(emb[:, :1]) if prev is None else prev
+    sem = run.semantic[idx] if run.semantic is not None else None
+    subsets = update_subsets(len(idx), srm_cfg.updates_per_step, srm_cfg.update_images, run.srm_gen)
+    return srm_update(run.srm, run.opt_srm, emb, prev, None, run.srm_in.gt[idx], srm_cfg, semantic=sem,
+                      subsets=subsets)
+
+
+def _episode(sam: FrozenSam, run: _BranchRun, idx: torch.Tensor, cfg: TrainConfig, clock: _Clock) -> dict:
+    """One training episode on images ``idx``: T sampled actions, each labelled, decoded, rewarded and followed by
+    the SRM's M updates; then PPO's K epochs on the episode's buffer. Returns the episode's statistics."""
+    env, agent, srm, steps = run.env, run.agent, run.srm, cfg.ppo.steps
+    sizes = [env.sizes[i] for i in idx.tolist()]
+    buffer = RolloutBuffer.allocate(steps, len(idx), tuple(env.embeddings.shape[-2:]), cfg.grid[0] * cfg.grid[1],
+                                    sam.device)
+    srm_losses = []
+    with clock("rollout_decode"):
+        env.reset(idx, generator=run.gen)
+    with clock("srm_updates"):  # the blank state is what the SRM sees when it proposes the initial points
+        srm_losses.append(_srm_step(run, idx, None))
+    agent.eval()
+    for t in range(steps):
+        with clock("rollout_other"):
+            prev, hist = env.prev_mask, env.history.clone()
+            action, logprob, value = agent.act(run.agent_emb[idx], prev, hist, mask_repeats=cfg.ppo.mask_repeats,
+                                               generator=run.gen)
+            srm.eval()
+            labels = label_actions(cfg.point_labels, sam, env, run.srm_in, srm, action, sizes)
+        with clock("rollout_decode"):
+            res = env.step(action, labels)
+        with clock("rollout_other"):
+            buffer.add(t, idx, prev, hist, action, logprob, value, res.reward)
+        with clock("srm_updates"):
+            srm_losses.append(_srm_step(run, idx, env.prev_mask))
+    with clock("ppo_updates"):
+        stats = ppo_update(agent, run.opt_agent, buffer, run.agent_emb, cfg.ppo, generator=run.gen)
+    return {
+        "reward": float(buffer.reward.mean()),
+        "foreground_rate": float((buffer.reward > 0).float().mean()),
+        "srm_loss": float(np.mean(srm_losses)),
+        **stats,
+    }
 
 
 def train_branch(
@@ -205,102 +252,50 @@ def train_branch(
     train_idx: list[int],
     branch: Branch,
     cfg: TrainConfig,
-    timings: Timings,
+    timings: Timings | None = None,
     callback: Callable[[Progress], None] | None = None,
     t_start: float | None = None,
 ) -> tuple[PromptAgent, SRM, list[dict]]:
-    """Fits one agent + SRM pair on images ``train_idx`` of ``enc``."""
-    dev = sam.device
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    srm_gen = torch.Generator().manual_seed(cfg.seed + 1)  # the SRM's update rows: apart from the action stream
-    c = sam.embed_dim
-    agent = PromptAgent(c, cfg.grid, hidden=cfg.agent_hidden, use_history=cfg.use_history,
-                        state_channels=cfg.agent_state_channels).to(dev)
-    srm_cfg = replace(cfg.srm, branch=branch)
-    srm = make_srm(c, srm_cfg).to(dev)
-    train_embeddings = enc.embeddings[torch.tensor(train_idx, device=enc.embeddings.device)]
-    agent.fit_projection(train_embeddings, seed=cfg.seed)
-    srm.fit_projection(train_embeddings, seed=cfg.seed)
-    # Every image's embedding is projected once for the run: the rollouts, the K PPO epochs and the SRM updates
-    # then build each state from r channels instead of C (the same states: see PromptAgent.pool_state).
-    with _Timer(timings, "rollout_other", dev):  # overhead like the rest: counted
-        agent_emb = agent.project(enc.embeddings)
-        srm_emb = agent_emb if _same_projection(agent, srm) else srm.project(enc.embeddings)
-    srm_in_run = copy.copy(srm_in)
-    srm_in_run.embeddings = srm_emb
-    opt_agent = _adam(agent, cfg.ppo.lr)
-    opt_srm = _adam(srm, cfg.srm.lr)
-    semantic = None
-    if branch == "explicit":
-        with torch.no_grad():  # the semantic state is constant per image: pool it once
-            semantic = srm.pool_semantic(srm_emb, srm_in.clip)
-    env = PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
-    train = torch.tensor(train_idx, device=dev)
-    steps = cfg.ppo.steps
+    """Fits one agent + SRM pair on images ``train_idx`` of ``enc``: E episodes, each on at most
+    ``cfg.rollout_batch`` of them. Returns both networks in eval mode and one statistics record per episode."""
+    clock = _Clock(timings, sam.device)
+    run = _start_branch(sam, enc, srm_in, train_idx, branch, cfg, clock)
+    train_set = torch.tensor(train_idx, device=sam.device)
     t_start = t_start or time.perf_counter()
     history: list[dict] = []
-
-    def srm_step(idx: torch.Tensor, prev: torch.Tensor | None) -> float:
-        """The paper's M SRM updates against the ground truth, after an action (or at the blank state)."""
-        emb = srm_emb[idx]
-        prev = torch.ones_like(emb[:, :1]) if prev is None else prev
-        sem = semantic[idx] if semantic is not None else None
-        subsets = update_subsets(len(idx), srm_cfg.updates_per_step, srm_cfg.update_images, srm_gen)
-        return srm_update(srm, opt_srm, emb, prev, None, srm_in.gt[idx], srm_cfg, semantic=sem, subsets=subsets)
-
     for episode in range(cfg.ppo.episodes):
-        if len(train) > cfg.rollout_batch:
-            idx = train[torch.randperm(len(train), generator=gen)[: cfg.rollout_batch].to(dev)]
-        else:
-            idx = train
-        b = len(idx)
-        buffer = RolloutBuffer.allocate(steps, b, tuple(env.embeddings.shape[-2:]), cfg.grid[0] * cfg.grid[1], dev)
-        srm_losses = []
-        with _Timer(timings, "rollout_decode", dev):
-            env.reset(idx, generator=gen)
-        with _Timer(timings, "srm_updates", dev):
-            # The blank state (no mask yet) is what the SRM sees when it proposes the initial points.
-            srm_losses.append(srm_step(idx, None))
-        agent.eval()
-        for t in range(steps):
-            with _Timer(timings, "rollout_other", dev):
-                prev, hist = env.prev_mask, env.history.clone()
-                action, logprob, value = agent.act(agent_emb[idx], prev, hist,
-                                                   mask_repeats=cfg.ppo.mask_repeats, generator=gen)
-                xy = env.action_xy[idx, action]
-                if cfg.point_labels == "srm":
-                    srm.eval()
-                    labels = srm_point_labels(sam, srm_in_run, srm, idx, prev, xy, [enc.sizes[i] for i in idx.tolist()])
-                else:
-                    labels = env.gt_at(action).long()
-            with _Timer(timings, "rollout_decode", dev):
-                res = env.step(action, labels)
-            with _Timer(timings, "rollout_other", dev):
-                buffer.add(t, idx, prev, hist, action, logprob, value, res.reward)
-            with _Timer(timings, "srm_updates", dev):
-                srm_losses.append(srm_step(idx, env.prev_mask))
-        with _Timer(timings, "ppo_updates", dev):
-            stats = ppo_update(agent, opt_agent, buffer, agent_emb, cfg.ppo, generator=gen)
-        record = {
-            "branch": branch,
-            "episode": episode + 1,
-            "reward": float(buffer.reward.mean()),
-            "foreground_rate": float((buffer.reward > 0).float().mean()),
-            "srm_loss": float(np.mean(srm_losses)),
-            **stats,
-        }
+        idx = train_set
+        if len(train_set) > cfg.rollout_batch:
+            idx = train_set[torch.randperm(len(train_set), generator=run.gen)[: cfg.rollout_batch].to(sam.device)]
+        record = {"branch": branch, "episode": episode + 1, **_episode(sam, run, idx, cfg, clock)}
         history.append(record)
         if callback is not None:
             callback(Progress(
                 stage="training", branch=branch, episode=episode + 1, episodes=cfg.ppo.episodes,
                 reward=record["reward"], foreground_rate=record["foreground_rate"], srm_loss=record["srm_loss"],
-                actor_loss=stats["actor_loss"], value_loss=stats["value_loss"], entropy=stats["entropy"],
+                actor_loss=record["actor_loss"], value_loss=record["value_loss"], entropy=record["entropy"],
                 elapsed_s=time.perf_counter() - t_start,
             ))
-    agent.eval()
-    srm.eval()
-    return agent, srm, history
+    return run.agent.eval(), run.srm.eval(), history
+
+
+def _check_samples(samples: Sequence[Sample]) -> None:
+    if not samples:
+        raise DataError("no training samples")
+    for s in samples:
+        if s.mask.shape != s.image.shape[:2]:
+            raise DataError(f"sample {s.name!r}: mask {s.mask.shape} does not match image {s.image.shape[:2]}")
+
+
+def _branches(cfg: TrainConfig, clip: ClipSurgery | None) -> list[Branch]:
+    """The SRM branches to train: both for ``auto`` (the explicit one only with CLIP)."""
+    branches: list[Branch] = ["implicit", "explicit"] if cfg.branch == "auto" else [cfg.branch]
+    if "explicit" in branches and clip is None:
+        if cfg.branch == "explicit":
+            raise DataError("the explicit SRM branch needs a CLIP-Surgery model (clip=...)")
+        logger.warning("no CLIP model given: training the implicit SRM branch only")
+        return ["implicit"]
+    return branches
 
 
 def train(
@@ -310,6 +305,7 @@ def train(
     clip: ClipSurgery | None = None,
     callback: Callable[[Progress], None] | None = None,
     baseline: tuple[PromptAgent, SRM, TrainConfig] | None = None,
+    timings: Timings | None = None,
 ) -> TrainResult:
     """Trains AlignSAM on ``samples`` and returns the policy that validates best.
 
@@ -321,43 +317,40 @@ def train(
       callback: called with :class:`Progress` after each episode.
       baseline: an existing policy (agent, SRM, its config) to validate on the same held-out images,
         so a caller can keep whichever is better on equal terms.
+      timings: filled in with the wall time of each part of the run (benchmarks); None: not measured.
+
+    Raises:
+      DataError: no samples, a mask that does not fit its image, or the explicit branch without ``clip``.
     """
     cfg = cfg or TrainConfig()
-    if not samples:
-        raise DataError("no training samples")
-    for s in samples:
-        if s.mask.shape != s.image.shape[:2]:
-            raise DataError(f"sample {s.name!r}: mask {s.mask.shape} does not match image {s.image.shape[:2]}")
-    branches: list[Branch] = ["implicit", "explicit"] if cfg.branch == "auto" else [cfg.branch]
-    if "explicit" in branches and clip is None:
-        if cfg.branch == "explicit":
-            raise DataError("the explicit SRM branch needs a CLIP-Surgery model (clip=...)")
-        branches = ["implicit"]
-        logger.warning("no CLIP model given: training the implicit SRM branch only")
-    timings = Timings()
+    _check_samples(samples)
+    branches = _branches(cfg, clip)
+    clock = _Clock(timings, sam.device)
     t0 = time.perf_counter()
-    dev = sam.device
     if callback:
         callback(Progress(stage="encoding"))
     calls0 = sam.stats.encoder_calls
-    with _Timer(timings, "sam_encoding", dev):
-        enc = encode(sam, [s.image for s in samples], masks=[s.mask for s in samples])
+    images = [s.image for s in samples]
+    with clock("sam_encoding"):
+        enc = encode(sam, images, masks=[s.mask for s in samples])
     clip_calls = 0
     if "explicit" in branches:
-        misses0 = getattr(clip, "cache_misses", 0)
-        with _Timer(timings, "clip", dev):
-            add_clip_maps(enc, sam, clip, [s.image for s in samples], [s.text for s in samples])
-        clip_calls = getattr(clip, "cache_misses", 0) - misses0
+        assert clip is not None
+        misses0 = clip.cache_misses
+        with clock("clip"):
+            add_clip_maps(enc, sam, clip, images, [s.text for s in samples])
+        clip_calls = clip.cache_misses - misses0
     srm_in = SrmInputs(sam, enc)
     train_idx, val_idx = split_indices(len(samples), cfg.val_fraction, cfg.seed)
+    held_out = val_idx or train_idx
     candidates: dict[str, dict[str, float]] = {}
     best: TrainedPolicy | None = None
     for branch in branches:
         agent, srm, hist = train_branch(sam, enc, srm_in, train_idx, branch, cfg, timings, callback, t0)
         if callback:
             callback(Progress(stage="validating", branch=branch, elapsed_s=time.perf_counter() - t0))
-        with _Timer(timings, "validation", dev):
-            metrics = evaluate_policy(sam, enc, srm_in, agent, srm, val_idx or train_idx, cfg)
+        with clock("validation"):
+            metrics = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg)
         metrics["on"] = "validation" if val_idx else "training"  # type: ignore[assignment]
         candidates[branch] = metrics
         logger.info("branch %s: %s", branch, metrics)
@@ -370,12 +363,11 @@ def train(
         if srm_b.branch == "explicit" and enc.clip_maps is None:
             if clip is None:
                 raise DataError("the baseline policy uses the explicit SRM branch: pass clip=...")
-            add_clip_maps(enc, sam, clip, [s.image for s in samples], [s.text for s in samples])
+            add_clip_maps(enc, sam, clip, images, [s.text for s in samples])
             srm_in = SrmInputs(sam, enc)
-        with _Timer(timings, "validation", dev):
-            baseline_metrics = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, val_idx or train_idx, cfg_b)
+        with clock("validation"):
+            baseline_metrics = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, held_out, cfg_b)
     if callback:
         callback(Progress(stage="done", branch=best.branch, val_miou=best.val_metrics["miou"],
                           elapsed_s=time.perf_counter() - t0))
     return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics)
-

@@ -21,11 +21,12 @@ from dataclasses import replace
 import torch
 
 from alignsam.data import Sample
+from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.sam import FrozenSam
 from alignsam.srm import SRMConfig
 from alignsam.synthetic import make_split
-from alignsam.train import TrainConfig, train
+from alignsam.train import Timings, train
 from benchmarks.common import RESULTS, write_results
 
 PAPER_N, PAPER_E = 50, 50
@@ -51,7 +52,7 @@ def run(
     data = [Sample(s.image, s.mask, s.text, f"s{i}") for i, s in enumerate(scenes)]
     cfg = TrainConfig(ppo=PPOConfig(episodes=episodes), branch=branch, srm=srm or SRMConfig())  # paper's T=15, K=20
     t0 = time.perf_counter()
-    res = train(sam, data, cfg, clip=clip)
+    res = train(sam, data, cfg, clip=clip, timings=Timings())
     wall = time.perf_counter() - t0
     t = res.timings
     n_train = len(res.policy.train_names)

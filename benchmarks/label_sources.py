@@ -32,10 +32,11 @@ from alignsam import metrics
 from alignsam.bundle import Bundle
 from alignsam.evaluate import on_target
 from alignsam.loading import load_sam
+from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM, Prediction
 from alignsam.quality import task_samples
-from alignsam.train import TrainConfig, train
+from alignsam.train import train
 from benchmarks.common import RESULTS, write_results
 
 LABEL_SOURCES = ("srm", "positive", "gt", "gt-positive")

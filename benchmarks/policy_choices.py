@@ -25,10 +25,11 @@ from alignsam.bundle import Bundle
 from alignsam.data import Sample
 from alignsam.evaluate import evaluate
 from alignsam.loading import load_sam
+from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
 from alignsam.synthetic import make_split
-from alignsam.train import TrainConfig, train
+from alignsam.train import Timings, train
 from benchmarks.common import RESULTS, write_results
 
 VARIANTS: dict[str, dict] = {
@@ -71,7 +72,7 @@ def main() -> None:
             branch="implicit", seed=0,
         )
         t0 = time.perf_counter()
-        res = train(sam, train_s, cfg)
+        res = train(sam, train_s, cfg, timings=Timings())
         p = res.policy
         model = AlignSAM(sam, Bundle(p.agent, p.srm, p.config, {"text": "x", "version": "v", "branch": p.branch}))
         preds = model.predict([s.image for s in test_s])

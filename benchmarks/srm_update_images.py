@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from alignsam.loading import load_clip, load_sam
+from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.quality import run_task
 from alignsam.srm import SRMConfig
-from alignsam.train import TrainConfig
 from benchmarks.common import RESULTS, write_results
 
 

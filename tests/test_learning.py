@@ -8,10 +8,11 @@ import pytest
 
 from alignsam.bundle import Bundle
 from alignsam.evaluate import evaluate
+from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
 from alignsam.sam import FrozenSam
-from alignsam.train import TrainConfig, train
+from alignsam.train import train
 from tests.helpers import bright_disc_samples
 
 MARGIN = 0.30  # FR points over random actions; seen: 0.88 vs 0.04

@@ -12,11 +12,12 @@ import torch
 from alignsam.bundle import load_bundle, read_meta, save_bundle
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.errors import BundleError, DataError
+from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
 from alignsam.sam import FrozenSam
 from alignsam.srm import SRMConfig
-from alignsam.train import TrainConfig, split_indices, train
+from alignsam.train import split_indices, train
 from tests.helpers import bright_disc_samples
 
 # State projections narrower than the tiny SAM's 32 channels, so training, bundles and inference exercise them.

@@ -1,0 +1,61 @@
+"""What a policy is: the configuration that shapes it (:class:`TrainConfig`) and a trained agent + SRM
+(:class:`TrainedPolicy`). Training produces them, bundles store them, inference reads them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from alignsam.agent import PromptAgent
+from alignsam.env import EnvConfig
+from alignsam.ppo import PPOConfig
+from alignsam.srm import SRM, SRMConfig
+
+
+@dataclass
+class TrainConfig:
+    """Everything that shapes a training run. PPO and SRM constants keep the paper's defaults."""
+
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    srm: SRMConfig = field(default_factory=SRMConfig)
+    grid: tuple[int, int] = (10, 10)
+    branch: Literal["implicit", "explicit", "auto"] = "auto"
+    agent_hidden: int = 16
+    # r: SAM embedding channels the agent keeps (a fixed projection fitted per run; None: all). See
+    # alignsam.projection and benchmarks/results/policy_choices.md.
+    agent_state_channels: int | None = 32
+    use_history: bool = True
+    use_mask_input: bool = False
+    # Who labels the chosen points during training rollouts: the SRM (paper) or the ground truth.
+    point_labels: Literal["srm", "gt"] = "srm"
+    val_fraction: float = 0.2
+    rollout_batch: int = 64  # images per batched episode
+    seed: int = 0
+
+    def env_config(self) -> EnvConfig:
+        return EnvConfig(grid=self.grid, steps=self.ppo.steps, use_mask_input=self.use_mask_input)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        ppo = PPOConfig(**d.pop("ppo", {}))
+        srm = SRMConfig(**d.pop("srm", {}))
+        if "grid" in d:
+            d["grid"] = tuple(d["grid"])
+        return cls(ppo=ppo, srm=srm, **d)
+
+
+@dataclass
+class TrainedPolicy:
+    """A trained agent + SRM and what is known about them."""
+
+    agent: PromptAgent
+    srm: SRM
+    branch: str
+    config: TrainConfig
+    val_metrics: dict[str, float]
+    train_names: list[str]
+    history: list[dict] = field(default_factory=list)
