@@ -101,7 +101,7 @@ def _eval_synthetic(args: argparse.Namespace) -> int:
     from alignsam.evaluate import format_table
     from alignsam.policy import TrainConfig
     from alignsam.ppo import PPOConfig
-    from alignsam.quality import parse_task, run_task
+    from alignsam.synthetic.quality import parse_task, run_task
 
     for task in args.synthetic:
         try:

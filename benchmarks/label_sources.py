@@ -35,7 +35,7 @@ from alignsam.loading import load_sam
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM, Prediction
-from alignsam.quality import task_samples
+from alignsam.synthetic.quality import task_samples
 from alignsam.train import train
 from benchmarks.common import RESULTS, write_results
 

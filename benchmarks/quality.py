@@ -1,6 +1,6 @@
 """AlignSAM's paper table in miniature, offline: synthetic task families, the bundled small SAM.
 
-For each task (see :mod:`alignsam.quality`): train AlignSAM on the 50-sample train split, then report on the
+For each task (see :mod:`alignsam.synthetic.quality`): train AlignSAM on the 50-sample train split, then report on the
 test split mIoU, MAE, BER, F-measure, E-measure and FR for AlignSAM and its ablations (w/o RL: random actions;
 w/o SRM: every point positive; w/o multi-step: T=1), a PerSAM-style training-free baseline, and an oracle
 clicker (same T) as the upper bound. Then the issue's checks per task: FR over random actions (>= 10 points)
@@ -26,7 +26,7 @@ from alignsam.evaluate import format_table
 from alignsam.loading import load_clip, load_sam
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
-from alignsam.quality import DEFAULT_TASKS, run_task
+from alignsam.synthetic.quality import DEFAULT_TASKS, run_task
 from benchmarks.common import RESULTS, write_results
 
 FR_MARGIN = 0.10  # the issue: AlignSAM's FR exceeds random actions' by >= 10 points

@@ -24,8 +24,8 @@ import torch
 from alignsam.loading import load_clip, load_sam
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
-from alignsam.quality import run_task
 from alignsam.srm import SRMConfig
+from alignsam.synthetic.quality import run_task
 from benchmarks.common import RESULTS, write_results
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignsam.baselines import oracle_predict, persam_predict, target_prototype
 from alignsam.rollout import encode
 from alignsam.sam import FrozenSam
+from alignsam.synthetic.baselines import oracle_predict, persam_predict, target_prototype
 from tests.helpers import bright_disc_samples
 
 

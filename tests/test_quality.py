@@ -15,7 +15,7 @@ import pytest
 from alignsam.loading import BUNDLED_SMALL_SAM, load_sam
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
-from alignsam.quality import run_task
+from alignsam.synthetic.quality import run_task
 
 EPISODES = 25  # paper: 50 (halved for CI time); K = 20 and T = 15 as in the paper
 N_TEST = 40

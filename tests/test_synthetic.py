@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alignsam import synthetic
 from alignsam.synthetic import (
     CATEGORIES,
     FAMILIES,
@@ -20,6 +19,7 @@ from alignsam.synthetic import (
     split_seeds,
     write_split,
 )
+from alignsam.synthetic import scenes as scene_gen
 
 SEEDS = range(12)
 
@@ -173,6 +173,6 @@ def test_touching_stuff_regions_are_one_region(scenes):
     # the merge does happen: some scenes cast shadows that touch, and those become one region
     merged = 0
     for seed in range(40):
-        canvas, _, _ = synthetic._shadow(np.random.default_rng([FAMILIES.index("shadow"), seed]), 256)
-        merged += any(len(g) > 1 and canvas.kinds[g[0]] == "shadow" for g in synthetic._region_groups(canvas))
+        canvas, _, _ = scene_gen._shadow(np.random.default_rng([FAMILIES.index("shadow"), seed]), 256)
+        merged += any(len(g) > 1 and canvas.kinds[g[0]] == "shadow" for g in scene_gen._region_groups(canvas))
     assert merged > 0

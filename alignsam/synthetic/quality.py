@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from alignsam import metrics
-from alignsam.baselines import oracle_predict, persam_predict, target_prototype
 from alignsam.bundle import Bundle
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.data import Sample
@@ -30,6 +29,7 @@ from alignsam.predict import AlignSAM
 from alignsam.rollout import encode
 from alignsam.sam import FrozenSam
 from alignsam.synthetic import CATEGORIES, FAMILIES, make_split
+from alignsam.synthetic.baselines import oracle_predict, persam_predict, target_prototype
 from alignsam.train import Timings, train
 
 DEFAULT_TASKS: tuple[str, ...] = ("semantic:circle", "saliency", "blur", "shadow", "mirror")
