@@ -9,6 +9,7 @@ checkpoint for ``small``; loud warnings for random weights). SAM's image embeddi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -24,6 +25,7 @@ from alignsam.clip_surgery import ClipSurgery
 from alignsam.loading import load_clip, load_sam, resolve_device, warn_if_plumbing_only
 from alignsam.predict import AlignSAM
 from alignsam.sam import FrozenSam
+from alignsam.zeroshot import ZeroShot
 from ml_backend.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,11 @@ class Models:
             while len(self.policies) > self.max_policies:
                 self.policies.popitem(last=False)
         return model
+
+    @functools.cached_property
+    def zero_shot(self) -> ZeroShot:
+        """Zero-shot prediction on these models (CLIP-Surgery points -> SAM); raises AlignSamError without CLIP."""
+        return ZeroShot(self.sam, self.clip)
 
     @property
     def clip_name(self) -> str | None:
