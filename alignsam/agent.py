@@ -261,8 +261,3 @@ class PromptAgent(nn.Module):
         else:
             action = torch.multinomial(dist.probs, 1, generator=generator).squeeze(1)
         return action, dist.log_prob(action), value
-
-
-def action_to_cell(action: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Grid (row, col) of row-major actions. action (Tensor): (...,) long. Returns two (...,) long tensors."""
-    return action // grid[1], action % grid[1]

@@ -29,7 +29,6 @@ with random weights (no download), which is enough for timing.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import statistics
 import time
@@ -46,6 +45,7 @@ from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
 from alignsam.errors import AlignSamError, CheckpointError, ImageError
+from alignsam.image import as_rgb_uint8, image_digest
 
 __all__ = [
     "CLIP_PRESETS",
@@ -235,28 +235,6 @@ def _sam_content_size(image_hw: tuple[int, int], grid: tuple[int, int]) -> tuple
     h, w = image_hw
     scale = min(grid[0] / h, grid[1] / w)
     return min(grid[0], max(1, int(h * scale + 0.5))), min(grid[1], max(1, int(w * scale + 0.5)))
-
-
-def _as_rgb_uint8(image: Any) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise ClipImageError(f"Expected a uint8 image (HxWx3 RGB), got dtype {arr.dtype}.")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ClipImageError(f"Expected an HxWx3 RGB image, got shape {tuple(arr.shape)}.")
-    if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ClipImageError(f"Image is empty: shape {tuple(arr.shape)}.")
-    return np.ascontiguousarray(arr)
-
-
-def _image_digest(image: np.ndarray) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(image.shape).encode())
-    h.update(memoryview(image).cast("B"))
-    return h.hexdigest()
 
 
 def _vv_and_plain_attention(
@@ -452,7 +430,7 @@ class ClipSurgery:
         """
         batch = []
         for image in images:
-            arr = _as_rgb_uint8(image)
+            arr = as_rgb_uint8(image, ClipImageError)
             x = torch.from_numpy(arr).to(self.device).permute(2, 0, 1)[None].float() / 255.0
             x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False, antialias=True)
             batch.append(x.clamp_(0.0, 1.0))
@@ -538,8 +516,8 @@ class ClipSurgery:
         Returns:
           (Tensor): B x gh x gw maps in [0, 1] (min 0, max 1 per image unless constant, then all 0).
         """
-        arrays = [_as_rgb_uint8(image) for image in images]
-        keys = [(_image_digest(a), text) for a in arrays]
+        arrays = [as_rgb_uint8(image, ClipImageError) for image in images]
+        keys = [(image_digest(a), text) for a in arrays]
         todo: dict[tuple[str, str], np.ndarray] = {}
         for key, arr in zip(keys, arrays, strict=True):
             if key in self._map_cache:

@@ -40,7 +40,8 @@ from segment_anything.modeling import (
 )
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from alignsam.errors import CheckpointError, ImageError
+from alignsam.errors import CheckpointError
+from alignsam.image import as_rgb_uint8, image_digest
 
 logger = logging.getLogger(__name__)
 
@@ -227,30 +228,6 @@ def file_sha256(path: str | os.PathLike) -> str:
                 h.update(block)
         _HASH_CACHE[key] = h.hexdigest()
     return _HASH_CACHE[key]
-
-
-def image_sha256(image: np.ndarray) -> str:
-    """Content hash of an image array (pixels and shape)."""
-    h = hashlib.sha256()
-    h.update(str(image.shape).encode())
-    h.update(np.ascontiguousarray(image).tobytes())
-    return h.hexdigest()
-
-
-def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """Checks / converts an image to ``HxWx3`` uint8 RGB (gray and RGBA are converted)."""
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[0] < 2 or arr.shape[1] < 2:
-        raise ImageError(f"expected an HxWx3 RGB image, got an array of shape {arr.shape}")
-    if arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    if arr.dtype != np.uint8:
-        if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
 
 
 def predict_masks_batched(
@@ -472,7 +449,7 @@ class FrozenSam:
         and inference tensors cannot be saved for their backward pass.
         """
         rgb = [as_rgb_uint8(im) for im in images]
-        keys = [image_sha256(im) for im in rgb]
+        keys = [image_digest(im) for im in rgb]
         out: dict[str, ImageEmbedding] = {}
         pending: dict[str, int] = {}  # key -> index of the first image with that content
         for i, key in enumerate(keys):
@@ -611,9 +588,6 @@ class FrozenSam:
     def low_res_to_grid(self, low_res: torch.Tensor) -> torch.Tensor:
         """``[B, 1, 4h, 4w]`` logits -> ``[B, 1, h, w]`` probabilities on the embedding grid."""
         return F.avg_pool2d(torch.sigmoid(low_res.float()), kernel_size=4)
-
-    def cache_info(self) -> dict[str, int]:
-        return {"size": len(self._cache), **self.stats.__dict__}
 
 
 @dataclass

@@ -10,8 +10,8 @@ blocks. The explicit branch (concrete objects) fuses both states with three conv
 positions with one self-attention layer, and decodes with two convolution layers. Both also say whether the
 target is present at all (``presence_logit``), so a label absent from an image can yield no region.
 
-The chosen action's label is the SRM's prediction at its position (:func:`label_points`); at inference the
-first prompt pair is the SRM's highest- and lowest-scoring positions (:func:`initial_points`).
+The chosen action's label is the SRM's prediction at its position, and at inference the first prompt pair is
+the SRM's highest- and lowest-scoring positions inside the image (both read in :mod:`alignsam.rollout`).
 
 Cost. The SRM is trained M times after every action (paper: M=5 for the explicit branch), so it must be cheap
 next to the SAM decoder call that each action costs (~220 ms per sample for vit_b, ~5.5 ms for the ``small``
@@ -461,44 +461,3 @@ def srm_update(
         optimizer.step()
         total += float(loss.detach())
     return total / m
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inference helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def label_points(out: SRMOutput, points_xy_grid: Tensor) -> Tensor:
-    """Label prompt points by the SRM: 1 (foreground) where sigmoid(logit) > 0.5, else 0 (background).
-
-    Arguments:
-      out (SRMOutput): logits (B, 1, h, w).
-      points_xy_grid (Tensor): (B, N, 2) long, (x, y) = (col, row) positions on the (h, w) embedding grid.
-
-    Returns:
-      (Tensor): (B, N) long labels.
-    """
-    logits = out.logits[:, 0]  # B x h x w
-    b, h, w = logits.shape
-    x, y = points_xy_grid[..., 0].long(), points_xy_grid[..., 1].long()
-    if bool((x < 0).any() or (x >= w).any() or (y < 0).any() or (y >= h).any()):
-        raise ValueError(f"points must lie on the {h} x {w} embedding grid as (x, y)")
-    flat = logits.reshape(b, h * w).gather(1, y * w + x)
-    return (flat > 0).long()  # sigmoid(l) > 0.5  <=>  l > 0
-
-
-def initial_points(out: SRMOutput) -> tuple[Tensor, Tensor]:
-    """The first prompt pair at inference: the SRM's highest- and lowest-scoring positions.
-
-    Arguments:
-      out (SRMOutput): logits (B, 1, h, w).
-
-    Returns:
-      (Tensor): (B, 2) long (row, col) of the positive point (argmax).
-      (Tensor): (B, 2) long (row, col) of the negative point (argmin).
-    """
-    logits = out.logits[:, 0]
-    w = logits.shape[-1]
-    flat = logits.flatten(1)
-    pos, neg = flat.argmax(1), flat.argmin(1)
-    return torch.stack([pos // w, pos % w], dim=1), torch.stack([neg // w, neg % w], dim=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from alignsam.agent import PromptAgent, action_to_cell, masked_logits, policy_distribution
+from alignsam.agent import PromptAgent, masked_logits, policy_distribution
 
 
 def _inputs(batch: int, channels: int, size: int, actions: int, seed: int = 0):
@@ -89,8 +89,7 @@ def test_history_channel_is_row_major() -> None:
     history[0, row * grid[1] + col] = 1.0
     logits, _ = agent(torch.randn(1, 4, 12, 12), torch.ones(1, 1, 12, 12), history)
     assert int(logits.argmax()) == row * grid[1] + col
-    r, c = action_to_cell(logits.argmax(dim=1), grid)
-    assert (int(r), int(c)) == (row, col)
+    assert divmod(int(logits.argmax()), grid[1]) == (row, col)
 
 
 def test_without_history_the_agent_ignores_it() -> None:

@@ -13,8 +13,6 @@ from alignsam.srm import (
     SRMOutput,
     bce_loss,
     dice_loss,
-    initial_points,
-    label_points,
     srm_loss,
     srm_update,
     update_subsets,
@@ -195,25 +193,6 @@ def test_srm_update_trains_each_update_on_its_rows(monkeypatch: pytest.MonkeyPat
         srm_update(srm, optimizer, embedding, prev_prob, clip_map, gt, cfg, subsets=subsets[:2])
 
 
-def test_initial_points_are_argmax_and_argmin_as_row_col() -> None:
-    logits = torch.zeros(2, 1, 4, 5)
-    logits[0, 0, 1, 3], logits[0, 0, 2, 0] = 5.0, -5.0
-    logits[1, 0, 3, 4], logits[1, 0, 0, 1] = 2.0, -1.0
-    pos, neg = initial_points(SRMOutput(logits=logits, presence_logit=torch.zeros(2)))
-    assert pos.tolist() == [[1, 3], [3, 4]]
-    assert neg.tolist() == [[2, 0], [0, 1]]
-
-
-def test_label_points_reads_the_logit_at_x_y() -> None:
-    logits = torch.full((1, 1, 4, 5), -1.0)
-    logits[0, 0, 1, 3] = 1.0  # row 1, col 3 -> (x, y) = (3, 1)
-    out = SRMOutput(logits=logits, presence_logit=torch.zeros(1))
-    labels = label_points(out, torch.tensor([[[3, 1], [1, 3], [0, 0]]]))
-    assert labels.tolist() == [[1, 0, 0]] and labels.dtype == torch.long
-    with pytest.raises(ValueError, match="grid"):
-        label_points(out, torch.tensor([[[5, 0]]]))
-
-
 def test_float16_embeddings_are_accepted() -> None:
     torch.manual_seed(0)
     srm = SRM(8, "explicit", hidden=16)
@@ -222,3 +201,56 @@ def test_float16_embeddings_are_accepted() -> None:
     half = srm(embedding.half(), prev_prob.half(), clip_map.half())
     assert half.logits.dtype == torch.float32
     torch.testing.assert_close(half.logits, full.logits, rtol=1e-2, atol=1e-2)
+
+
+class _FixedSRM(torch.nn.Module):
+    """Stands in for the network only: answers every call with the given logits, to pin how they are read."""
+
+    branch = "implicit"
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, embedding, prev, clip=None) -> SRMOutput:
+        return SRMOutput(logits=self.logits[: len(embedding)], presence_logit=torch.zeros(len(embedding)))
+
+
+def _srm_inputs(sizes):
+    from alignsam import FrozenSam
+    from alignsam.rollout import Encoded, SrmInputs
+
+    sam = FrozenSam.from_preset("tiny", seed=0)
+    g = sam.embedding_size
+    enc = Encoded(torch.zeros(len(sizes), sam.embed_dim, g, g), list(sizes))
+    return sam, SrmInputs(sam, enc), g
+
+
+def test_initial_points_are_the_srms_argmax_and_argmin_inside_the_image() -> None:
+    from alignsam.rollout import srm_initial_points
+
+    # image 1 is twice as wide as tall: the bottom half of its grid is SAM's padding, never a point
+    sam, srm_in, g = _srm_inputs([(64, 64), (32, 64)])
+    logits = torch.zeros(2, 1, g, g)
+    logits[0, 0, 1, 3], logits[0, 0, 2, 0] = 5.0, -5.0
+    logits[1, 0, g - 1, 0], logits[1, 0, 0, 1] = 9.0, -1.0  # the 9 lies in the padding
+    logits[1, 0, 3, 4] = 2.0
+    points, labels, present = srm_initial_points(sam, srm_in, _FixedSRM(logits), torch.arange(2))
+    cells = sam.points_to_grid(points, srm_in.sizes, g)
+    assert cells.tolist() == [[[1, 3], [2, 0]], [[3, 4], [0, 1]]]
+    assert labels.tolist() == [[1, 0], [1, 0]]
+    assert present.tolist() == [0.5, 0.5]
+
+
+def test_point_labels_read_the_srms_logit_under_each_point() -> None:
+    from alignsam.rollout import srm_point_labels
+
+    sam, srm_in, g = _srm_inputs([(64, 64)])
+    logits = torch.full((1, 1, g, g), -1.0)
+    logits[0, 0, 1, 3] = 1.0
+    on = sam.grid_to_points(torch.tensor([[[1, 3]]]), srm_in.sizes, g)[:, 0]
+    off = sam.grid_to_points(torch.tensor([[[3, 1]]]), srm_in.sizes, g)[:, 0]
+    srm = _FixedSRM(logits)
+    prev = torch.ones(1, 1, g, g)
+    assert srm_point_labels(sam, srm_in, srm, torch.arange(1), prev, on, srm_in.sizes).tolist() == [1]
+    assert srm_point_labels(sam, srm_in, srm, torch.arange(1), prev, off, srm_in.sizes).tolist() == [0]
