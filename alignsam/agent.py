@@ -14,24 +14,12 @@ Architecture (and why it differs from a plain "convs at the embedding resolution
       -> policy head: ReLU(W_f f + W_g mean(f)) -> linear                   one logit per cell
       -> value head: MLP on [mean(f), history] -> scalar
 
-* Cost is the design constraint. PPO runs K=20 epochs of forward+backward over every stored step, and the
-  issue caps everything that is not SAM at +50% over SAM's decoder calls, for vit_b (decoder ~220 ms per
-  sample on one CPU thread) and for the ``small`` preset (~5.5 ms; ~3 ms at its earlier 256 px). On one CPU
-  thread an epoch over 750 steps (75,000 cell tokens) is memory-bound: every elementwise op over the tokens
-  costs about a millisecond, so the network is as few token-sized ops as will learn. Measured per epoch over
-  750 steps: the first design (1x1 conv stem on all 257 channels, two 3x3 convs, 64 wide) 1270 ms; the second
-  (stem + LayerNorm, a residual context block with a box-filtered neighbour term, 32 wide) ~115 ms, 58 ms at
-  16 wide; this one 54 ms at 32 wide and 26 ms at 16 wide (the default).
-  ``benchmarks/results/policy_choices.md`` has what the width costs in learning, ``tests/test_quality.py`` and
-  ``benchmarks/results/quality.md`` what the agent achieves. What buys it: the projection (the stem reads 2r+2
-  = 66 channels, not 2 x 257); linear layers over cell tokens instead of small convolutions (oneDNN
-  convolutions on a 10 x 10 grid run at a few GFLOP/s); the neighbourhood entering as parameter-free input
-  channels (computed once per PPO update) instead of a box filter over hidden features in every epoch; history
-  as a rank-1 term fused into one ``addcmul``; sums instead of concatenations (``W [a; b] = W_a a + W_b b``
-  without materialising ``[a; b]``); channels-last pooled states, so the cell tokens are a view. Without the
-  LayerNorm (-15% per epoch) the agent learned worse in the learning test (held-out FR 0.78 against 0.88), and
-  normalising the input tokens instead would show the agent F_I where the mask is faint, which is not the
-  paper's state.
+* Cost is the design constraint: PPO runs K=20 epochs of forward+backward over every stored step, and an epoch
+  over cell tokens is memory-bound, so the network is as few token-sized ops as will learn: a fixed channel
+  projection (the stem reads 2r+2 channels), linear layers over cell tokens instead of small convolutions, the
+  neighbourhood as parameter-free input channels, history as a rank-1 term, sums instead of concatenations,
+  channels-last pooled states (the cell tokens are a view). The stem's LayerNorm is kept: the agent learns
+  worse without it. Measurements: ``benchmarks/results/method_notes.md`` and ``policy_choices.md``.
 * A linear map commutes with average pooling, so pooling the state to the action grid first and then applying
   the stem (and the projection) is exactly the same function as stem-then-pool, at (h*w)/A less compute.
   Because pooling, projection and the neighbourhood mean have no trained parameters,
@@ -177,9 +165,8 @@ class PromptAgent(nn.Module):
             raise ValueError(f"embedding has {embedding.shape[1]} channels, agent expects {self.embed_dim}")
         dtype = self.stem.weight.dtype  # e.g. float16 cached embeddings, float32 agent
         embedding, prev_mask = embedding.to(dtype), prev_mask.to(dtype)
-        # Channels-last memory throughout: PyTorch's CPU pooling kernels run ~6x faster on it than on NCHW at
-        # these sizes (measured: 40 states of 33 x 16 x 16 pooled to 10 x 10 in 0.23 ms against 1.4 ms), and
-        # forward_pooled's cell tokens (B, A, 2r+2) are then a view, not a copy per epoch.
+        # Channels-last memory throughout: PyTorch's CPU pooling kernels are several times faster on it at these
+        # sizes, and forward_pooled's cell tokens (B, A, 2r+2) are then a view, not a copy per epoch.
         channels_last = torch.channels_last
         if self.projection is not None and not projected:
             pooled = F.adaptive_avg_pool2d((embedding * prev_mask).contiguous(memory_format=channels_last), self.grid)

@@ -27,8 +27,10 @@ from alignsam.sam import FrozenSam
 from alignsam.srm import SRM
 
 FORMAT = "alignsam-policy"
-FORMAT_VERSION = 3  # 2: agent and SRM read projected states (alignsam.projection); 3: the agent's stem reads the
-# cell's 3x3 neighbourhood and its history (no LayerNorm, no context block)
+FORMAT_VERSION = 3
+"""3: the agent's stem reads each cell with its 3x3 neighbourhood mean and its history, through a LayerNorm, with no
+context block (alignsam.agent); 2: agent and SRM read projected states (alignsam.projection). Older ones are
+refused with a request to retrain."""
 
 
 @dataclass

@@ -2,9 +2,8 @@
 
 The agent and the SRM both start with a linear layer over the C channels of a state ``F_I * M`` (C = 256 for
 every SAM preset). That layer is applied in every forward *and* backward pass: K = 20 PPO epochs over every
-stored step, M SRM updates after every action. Its input is the most expensive part of both networks, and on a
-cheap SAM (the ``small`` preset decoded in ~3 ms on one CPU thread at 256 px, when this was measured) it alone
-cost more than SAM.
+stored step, M SRM updates after every action. Its input is the most expensive part of both networks, and next to
+a cheap SAM (the ``small`` preset) it would cost more than SAM's decoder.
 
 Because the state is a per-position product ``F_I(p) * M(p)`` and a projection ``P`` is per-position linear,
 ``P (F_I * M) = (P F_I) * M``, and it commutes with average pooling. So projecting the (pooled) state onto r
@@ -13,8 +12,8 @@ once per training run from that run's own embeddings (uncentred second moment; t
 mask, so it has no fixed mean to remove) and whitened (unit variance per direction), and they travel with the
 policy as buffers, so inference applies the same map.
 
-Choice and measurement: r = 32 of 256 directions. See ``benchmarks/results/policy_choices.md`` for what the
-projection costs in quality and saves in time.
+Choice: r = 32 of 256 directions (``benchmarks/results/policy_choices.md``: what it costs in quality and saves in
+time; ``method_notes.md``).
 """
 
 from __future__ import annotations

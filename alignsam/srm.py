@@ -14,34 +14,26 @@ The chosen action's label is the SRM's prediction at its position, and at infere
 the SRM's highest- and lowest-scoring positions inside the image (both read in :mod:`alignsam.rollout`).
 
 Cost. The SRM is trained M times after every action (paper: M=5 for the explicit branch), so it must be cheap
-next to the SAM decoder call that each action costs (~220 ms per sample for vit_b, ~5.5 ms for the ``small``
-preset, on one CPU thread). Five choices keep it so:
+next to the SAM decoder call that each action costs. Five choices keep it so (their measurements:
+``benchmarks/results/method_notes.md``):
 
 * Both states are projected onto r = 32 fixed, whitened principal directions of the run's SAM embeddings
-  (:mod:`alignsam.projection`; exact for the stems, which are linear per position), so the stems read 33
-  channels instead of 257; the width is 32.
-
+  (:mod:`alignsam.projection`; exact for the stems, which are linear per position), so the stems read r+1
+  channels instead of C+1; the width is 32.
 * The inputs are average-pooled to at most ``work_grid`` x ``work_grid`` before any layer. The first layer of
   each state is a 1x1 convolution, which commutes with average pooling, so this is exact for that layer, and
   the pooling has no parameters, so :meth:`SRM.pool_spatial` / :meth:`SRM.pool_semantic` can run once per
   action (and once per image for the semantic state) while the M updates reuse them. The logits are upsampled
   bilinearly back to the embedding grid (h, w), where the loss is taken.
 * Self-attention runs over at most ``attn_grid`` x ``attn_grid`` tokens (pooled, then upsampled back and added
-  as a residual), so it stays affordable for any embedding size. With M = 5 updates per action it is the
-  explicit branch's largest cost: one forward+backward for 40 samples, 32 channels, 4 heads on one CPU thread
-  takes 122 ms at 16 x 16 tokens and 9.6 ms at 8 x 8 (PyTorch's CPU attention kernels scale with tokens
-  squared). 8 x 8 tokens relate every region of the image to every other, which is what the layer is for; the
-  convolutions around it keep the 16 x 16 detail.
+  as a residual): its cost grows with tokens squared, and 8 x 8 tokens already relate every region of the image
+  to every other, which is what the layer is for; the convolutions around it keep the 16 x 16 detail.
 * GroupNorm and LayerNorm only: every operation is per sample; attention is over the positions of one sample,
   never across the batch.
 * Each of the M updates after an action trains on a few images of the rollout batch, not all of it
-  (:func:`update_subsets`; 8 images for the implicit branch, 2 for the explicit one's 5 updates). The paper
-  steps one image at a time and updates on that image; updating on all B images of a batched rollout would
-  cost B times its SRM work per action. Measured on the CI quality settings (E=25, 3 seeds, small SAM
-  small-eb4ffe53a12b; ``benchmarks/results/srm_update_images.md``): implicit AlignSAM mIoU saliency /
-  semantic:circle 0.928 / 0.589 training on 8 images per update, 0.930 / 0.594 on all 40 (seed-to-seed spread on
-  circle: 0.02-0.04), at a third of the SRM time; the explicit branch: 0.929 / 0.599 on 2 images per update,
-  0.931 / 0.600 on all 40 (seed 0).
+  (:func:`update_subsets`; 8 images for the implicit branch, 2 for each of the explicit one's 5 updates). The
+  paper steps one image at a time and updates on that image; updating on all B images of a batched rollout
+  would cost B times its SRM work per action, for no measurable gain in quality.
 """
 
 from __future__ import annotations
@@ -155,9 +147,7 @@ class SRM(nn.Module):
       state_channels (int | None): r, the embedding channels kept by a fixed projection of both states (fit it
         with :meth:`fit_projection`; see :mod:`alignsam.projection`); None or >= C keeps all C channels.
       fuse_kernel (int): kernel size of the explicit branch's fusion convolution. 3 (default) gives every position
-        its neighbours' spatial and semantic states before the attention. 1 fuses each position alone: on the
-        ``small`` preset at 256 px, SRM updates took 24 s instead of 29 s per paper-sized run
-        (``benchmarks/results/training_cpu_small_srm.md``).
+        its neighbours' spatial and semantic states before the attention; 1 fuses each position alone, cheaper.
     """
 
     def __init__(
