@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alignsam.clip_surgery import ClipSurgery
 from alignsam.env import EnvConfig, PromptEnv
 from alignsam.sam import FrozenSam
 
@@ -131,8 +132,6 @@ def bench_preset(preset: str, device: str, image_side: int, steps: int, repeat: 
 
 
 def bench_clip(model: str, device: str, image_side: int, repeat: int) -> dict[str, float]:
-    from alignsam.clip_surgery import ClipSurgery
-
     clip = ClipSurgery(model_name=model, pretrained=None, device=device)
     rng = np.random.default_rng(1)
     clip.similarity_map(rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8), "shadow")

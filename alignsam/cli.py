@@ -13,8 +13,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
+from alignsam.bench import run_perception_bench
+from alignsam.bundle import read_meta, save_bundle
+from alignsam.data import list_images, load_folder, read_image
+from alignsam.demo import run_demo
 from alignsam.errors import AlignSamError, DataError
+from alignsam.evaluate import evaluate, format_table
 from alignsam.loading import BUNDLED_SMALL_SAM, load_clip, load_sam, resolve_device
+from alignsam.policy import TrainConfig
+from alignsam.ppo import PPOConfig
+from alignsam.predict import AlignSAM
+from alignsam.sam import list_presets
+from alignsam.synthetic.quality import parse_task, run_task
+from alignsam.train import train
 from alignsam.viz import mask_png, overlay, progress_printer, save_png
 
 
@@ -30,8 +43,6 @@ def _add_model_args(p: argparse.ArgumentParser, clip: bool = True) -> None:
 
 # ---------------------------------------------------------------------------------- commands
 def cmd_presets(args: argparse.Namespace) -> int:
-    from alignsam.sam import list_presets
-
     print(f"{'preset':8} {'input':>6} {'embedding':>12} {'params':>12}  description")
     for p in list_presets():
         print(f"{p.name:8} {p.image_size:>6} {p.embedding:>12} {p.parameters:>12,}  {p.description}")
@@ -41,12 +52,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from alignsam.bundle import save_bundle
-    from alignsam.data import load_folder
-    from alignsam.policy import TrainConfig
-    from alignsam.ppo import PPOConfig
-    from alignsam.train import train
-
     samples = load_folder(args.images, args.masks, args.prompt, limit=args.samples)
     device = resolve_device(args.device)
     sam = load_sam(args.sam_preset, args.sam_checkpoint, device, args.cache_dir)
@@ -62,9 +67,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    from alignsam.bundle import read_meta
-    from alignsam.predict import AlignSAM
-
     meta = read_meta(args.bundle)
     device = resolve_device(args.device)
     sam = load_sam(meta["sam_preset"], args.sam_checkpoint, device, args.cache_dir)
@@ -75,10 +77,6 @@ def _load_model(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from alignsam.data import list_images, read_image
-
     model = _load_model(args)
     files = list_images(args.images)
     out = Path(args.out)
@@ -98,11 +96,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _eval_synthetic(args: argparse.Namespace) -> int:
     """``alignsam eval --synthetic TASK``: train on a synthetic task's train split, the full table on its test split."""
-    from alignsam.evaluate import format_table
-    from alignsam.policy import TrainConfig
-    from alignsam.ppo import PPOConfig
-    from alignsam.synthetic.quality import parse_task, run_task
-
     for task in args.synthetic:
         try:
             parse_task(task)
@@ -126,9 +119,6 @@ def _eval_synthetic(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from alignsam.data import load_folder
-    from alignsam.evaluate import evaluate, format_table
-
     if args.synthetic:
         return _eval_synthetic(args)
     missing = [f"--{name}" for name in ("bundle", "images", "masks") if getattr(args, name) is None]
@@ -144,16 +134,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from alignsam.bench import run_perception_bench
-
     run_perception_bench(Path(args.out), presets=args.presets, device=resolve_device(args.device),
                          repeat=args.repeat)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from alignsam.demo import run_demo
-
     return run_demo(Path(args.out), device=resolve_device(args.device), quick=args.quick)
 
 
