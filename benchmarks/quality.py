@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from alignsam.evaluate import format_table
-from alignsam.loading import load_clip, load_sam
+from alignsam.loading import load_clip, load_sam, resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.synthetic.quality import DEFAULT_TASKS, run_task
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--branch", default="implicit", choices=["auto", "implicit", "explicit"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--name", default="quality")
     args = ap.parse_args()
     if args.threads:

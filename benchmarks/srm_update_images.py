@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from alignsam.loading import load_clip, load_sam
+from alignsam.loading import load_clip, load_sam, resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.srm import SRMConfig
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=40)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--name", default="srm_update_images")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--hidden", type=int, default=SRMConfig.hidden, help="SRM width")
     ap.add_argument("--fuse-kernel", type=int, default=SRMConfig.fuse_kernel, help="explicit SRM fusion kernel")
     args = ap.parse_args()
