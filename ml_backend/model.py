@@ -2,8 +2,8 @@
 
 ``AlignSAMModel(services, project_id, label_config)`` is created per request (as ``LabelStudioMLBase`` is) and
 offers ``setup(...)``, ``predict(tasks, context) -> predictions in task order`` and ``fit(event, data)``. It owns
-no model: predictions come from the injected :class:`~ml_backend.seams.Predictor` and training requests go to
-the injected :class:`~ml_backend.seams.TrainingTrigger`.
+no model: predictions come from the injected :class:`~ml_backend.ports.Predictor` and training requests go to
+the injected :class:`~ml_backend.ports.TrainingTrigger`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ml_backend.errors import BadRequestError, ImageFetchError, LabelConfigError
 from ml_backend.formats import empty_prediction
 from ml_backend.images import FetchedImage, ImageFetcher, LabelStudioAccess, image_url_of
 from ml_backend.label_config import LabelConfig, config_hash, parse_label_config
-from ml_backend.seams import (
+from ml_backend.ports import (
     PredictionRequest,
     Predictor,
     PredictorUnavailableError,

