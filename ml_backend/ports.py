@@ -3,7 +3,7 @@
 Both are plain callables injected into :func:`ml_backend.app.create_app` (``predictor=``, ``training_trigger=``):
 the RQ implementations are in :mod:`ml_backend.job_queue`; the protocol code knows only these types.
 
-- :class:`Predictor` receives a :class:`PredictionRequest` (JSON-able: project id, parsed config, model version,
+- :class:`Predictor` receives a :class:`PredictionRequest` (project id, parsed config, model version,
   the tasks whose image was fetched and checked, the image files, the interactive context) and returns one
   Label Studio prediction per task, in order (``{"result": [...], "score": s, "model_version": v}``, or
   ``None`` for "nothing found"). Build results with :func:`ml_backend.formats.masks_to_results` and
@@ -56,18 +56,6 @@ class PredictionRequest:
     images: Sequence[FetchedImage]
     context: Mapping[str, Any] | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able form, e.g. for RQ job arguments."""
-        return {
-            "project_id": self.project_id,
-            "config": self.config.to_json(),
-            "model_version": self.model_version,
-            "policy_versions": dict(self.policy_versions),
-            "tasks": [dict(t) for t in self.tasks],
-            "images": [i.to_json() for i in self.images],
-            "context": dict(self.context) if self.context else None,
-        }
-
 
 class Predictor(Protocol):
     """``predictor(request) -> one prediction (or None) per request task, in order``."""
@@ -76,7 +64,7 @@ class Predictor(Protocol):
 
 
 def untrained_predictor(request: PredictionRequest) -> list[dict[str, Any]]:
-    """The default predictor: no policy is trained yet, so every task gets an empty prediction."""
+    """The predictor without the queue: every task gets an empty prediction."""
     return [empty_prediction(request.model_version) for _ in request.tasks]
 
 
@@ -91,18 +79,6 @@ class TrainingRequest:
     labelled_task_ids: Sequence[int]
     model_version: str
     requested_at: float = field(default_factory=time.time)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able form, e.g. for RQ job arguments."""
-        return {
-            "project_id": self.project_id,
-            "project_key": self.project_key,
-            "reason": self.reason,
-            "labels": list(self.labels),
-            "labelled_task_ids": list(self.labelled_task_ids),
-            "model_version": self.model_version,
-            "requested_at": self.requested_at,
-        }
 
 
 @dataclass(frozen=True)

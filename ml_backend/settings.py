@@ -97,13 +97,15 @@ class Settings(BaseSettings):
         "prediction (model_version <version>-pending), stay queued, and are answered from the cache next time. "
         "Keep PREDICT_FETCH_BUDGET_S + PREDICT_WAIT_S well under Label Studio's 100 s.",
     )
-    predict_job_timeout_s: int = Field(default=600, gt=0, description="RQ timeout of one predict job.")
+    predict_job_timeout_s: int = Field(
+        default=600, gt=0, description="RQ timeout of a predict job, per task (a job of n tasks gets n times this)."
+    )
     predict_batch_size: int = Field(
         default=16,
         ge=1,
-        description="A worker taking a predict job also takes up to this many minus one predict jobs waiting in "
-        "the queue (at most its fair share with several workers) and runs them as one batch through SAM; each "
-        "job still gets its own result. 1: one job at a time.",
+        description="Most tasks per predict job: /predict splits the tasks it must compute evenly over the idle "
+        "predict workers, in jobs of at most this many, and a worker runs each job as one batch through SAM. "
+        "1: one job per task.",
     )
     predict_cache_ttl_s: int = Field(
         default=7 * 24 * 3600, gt=0, description="How long a task's prediction stays cached in Redis."
