@@ -3,6 +3,7 @@ Flask app with the RQ ports, and a fake Label Studio HTTP server for the SDK cal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ from redis import Redis
 from rq.job import Job
 from wk_helpers import LABEL_CONFIG, FakeLabelStudio, WorkerProcess, setup_project, wait_for, worker_env
 
+from ml_backend.app import services_of
+from ml_backend.images import FetchedImage
 from ml_backend.job_queue import TRAIN_QUEUE, enqueue_prelabel
 from ml_backend.keys import PENDING_SUFFIX, Keys
 from ml_backend.settings import Settings
@@ -53,6 +56,11 @@ def status(client: FlaskClient, project_id: int) -> dict:
     return client.get(f"/status/{project_id}").get_json()
 
 
+def predict_jobs(redis: Redis, project_id: int) -> list[str]:
+    return [k.decode().split(":")[-1] for k in redis.scan_iter(f"rq:job:predict-{project_id}-*")
+            if k.decode().count(":") == 2]
+
+
 def train_jobs(redis: Redis, project_id: int) -> list[str]:
     return sorted(k.decode().split(":")[-1] for k in redis.scan_iter(f"rq:job:train-{project_id}-*")
                   if k.decode().count(":") == 2)
@@ -77,8 +85,7 @@ def test_predict_8_tasks_in_order_through_the_queue(
     assert len({json.dumps(r["result"][0]["value"]["rle"]) for r in results}) > 1  # not one answer copied 8 times
     # /predict answered from the ready streams; the job still gets its RQ result (a moment later), and the one idle
     # worker got the 8 tasks as one job and ran them as one batch.
-    ids = [k.decode().split(":")[-1] for k in redis.scan_iter(f"rq:job:predict-{project_id}-*")
-           if k.decode().count(":") == 2]
+    ids = predict_jobs(redis, project_id)
     assert len(ids) == 1
     jobs = [Job.fetch(i, connection=redis) for i in ids]
     wait_for(lambda: all(j.latest_result() is not None for j in jobs), 30, "the jobs' RQ results")
@@ -91,6 +98,45 @@ def test_predict_8_tasks_in_order_through_the_queue(
     again = predict(client, project_id, tasks)
     assert again == results
     assert int(redis.hget("alignsam:metrics", "predict_cache_hits")) - hits_before == 8
+
+
+def test_a_task_failing_in_the_worker_gets_an_empty_prediction_and_its_batch_mates_get_theirs(
+    worker: WorkerProcess, make_app: Callable[..., Flask], make_fake_ls: Callable[[int], FakeLabelStudio],
+    project_id: int, redis: Redis,
+) -> None:
+    ls = make_fake_ls(3)
+    app = make_app()
+    client = app.test_client()
+    setup_project(client, project_id, ls)
+    services = services_of(app)
+    fetcher = services.fetcher
+
+    class BreaksTask2:
+        """The web process's fetcher, except that task 2's file is broken after the web's checks (a disk error, a
+        file replaced meanwhile): only the worker finds out, when it decodes it."""
+
+        def fetch(self, source: str, access: Any, task_id: Any = None) -> FetchedImage:
+            fetched = fetcher.fetch(source, access, task_id=task_id)
+            if task_id != 2:
+                return fetched
+            broken = Path(fetched.path).with_suffix(".broken.png")
+            broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+            return dataclasses.replace(fetched, path=str(broken))
+
+    services.fetcher = BreaksTask2()  # type: ignore[assignment]
+    results = predict(client, project_id, [ls.tasks[i] for i in (1, 2, 3)])
+    # The failed task is answered (empty, of the current version: not pending), the others are predicted.
+    assert [r["model_version"] for r in results] == ["alignsam-zeroshot"] * 3
+    assert results[0]["result"] and results[2]["result"]
+    assert results[1]["result"] == []
+    [job_id] = predict_jobs(redis, project_id)
+    job = Job.fetch(job_id, connection=redis)
+    assert job.get_status().value == "failed"
+    assert "1 of 3 tasks not predicted: task 2: " in job.latest_result().exc_string
+    # Only the failed task is computed again, by a new job; the others come from the cache.
+    again = predict(client, project_id, [ls.tasks[i] for i in (1, 2, 3)])
+    assert again[0] == results[0] and again[2] == results[2]
+    assert len(predict_jobs(redis, project_id)) == 2
 
 
 def test_late_tasks_answer_pending_stay_queued_and_come_from_the_cache_next_time(
@@ -106,6 +152,9 @@ def test_late_tasks_answer_pending_stay_queued_and_come_from_the_cache_next_time
     pending = [r for r in first if r["model_version"].endswith(PENDING_SUFFIX)]
     assert pending, "with a 1 ms deadline some tasks must still be running"
     assert all(r["result"] == [] for r in pending)
+    # Asked again at once: the request joins the job already computing its tasks (or finds them cached).
+    predict(client, project_id, tasks)
+    assert len(predict_jobs(redis, project_id)) == 1
     wait_for(lambda: len(list(redis.scan_iter(f"alignsam:pred:{project_id}:*"))) == 4, 60, "the late jobs to finish")
     second = predict(client, project_id, tasks)
     assert [r["model_version"] for r in second] == ["alignsam-zeroshot"] * 4
