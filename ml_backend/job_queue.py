@@ -176,16 +176,16 @@ class QueuePredictor:
         ready = [self.keys.prediction_ready(keys[i]) for i in missing]
         self._wait(jobs, ready, time.monotonic() + self.settings.predict_wait_s)
         self._fill_from_cache(keys, answers)
-        statuses: dict[str, str | None] = {}
+        failures: dict[str, str | None] = {}  # job id -> why it failed, None while it has not
         late = 0
         for i, job in zip(missing, jobs, strict=True):
             if answers[i] is not None:
                 continue
-            if job.id not in statuses:
-                statuses[job.id] = job_status(job)
-            if statuses[job.id] == JobStatus.FAILED.value:
+            if job.id not in failures:
+                failures[job.id] = last_line(job) if job_status(job) == JobStatus.FAILED.value else None
+            if failures[job.id] is not None:
                 logger.warning("project %s task %s: predict job %s failed: %s", request.project_id,
-                               request.tasks[i].get("id"), job.id, last_line(job))
+                               request.tasks[i].get("id"), job.id, failures[job.id])
                 answers[i] = empty_prediction(version)
             else:
                 late += 1
