@@ -30,8 +30,9 @@ COPY README.md ./
 COPY alignsam ./alignsam
 COPY ml_backend ./ml_backend
 COPY workers ./workers
+# Installed and importable (ml_backend.app, not .wsgi: importing wsgi builds the app, which would start Redis).
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import alignsam, ml_backend.wsgi, workers.worker" \
+    && python -c "import alignsam, ml_backend.app, ml_backend.gunicorn_conf, workers.worker" \
     && alignsam-worker --help > /dev/null
 
 # ---- slim: the runtime without weights (mount SAM/CLIP at /opt/weights, or set SAM_CHECKPOINT/CLIP_PRETRAINED) ----
