@@ -18,8 +18,9 @@ The backend replaces this process (``exec``), so gunicorn is PID 1 and gets the 
 and ``check`` run in this process, through the same ``main`` the ``alignsam-worker`` console script calls, so an
 error a user can cause (above all a SAM checkpoint made for another preset than ``SAM_PRESET``, or missing) ends
 with one readable line and exit status 2 instead of a traceback; RQ's own SIGTERM handling (finish the job, then
-stop) is unchanged. Plain Python, standard library only at import time: nothing to break on another platform's
-line endings (``.gitattributes`` keeps it LF anyway).
+stop) is unchanged. Plain Python (standard library at import time), started as ``python /app/entrypoint.py``: no
+shebang or shell is involved, so a checkout with CRLF line endings cannot break the start (``.gitattributes``
+keeps the file LF anyway).
 """
 
 from __future__ import annotations
