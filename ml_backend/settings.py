@@ -19,16 +19,25 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     """Configuration of ``ml_backend`` (no model is loaded in this process)."""
 
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True)
+    # env_ignore_empty: `NAME=` (as a copied .env.example leaves it) means unset, not an empty path or number
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True,
+                                      env_ignore_empty=True)
 
     # --- Label Studio -------------------------------------------------------------------------------------
     label_studio_url: str | None = Field(
         default=None,
-        description="Label Studio base URL as reachable from this backend; overrides /setup's `hostname`.",
+        description="Label Studio base URL as reachable from this backend; when set, the only Label Studio host "
+        "(/setup's `hostname` is ignored). Production sets it.",
     )
     label_studio_api_key: SecretStr | None = Field(
         default=None,
-        description="Label Studio legacy API token; overrides /setup's `access_token`. Never logged.",
+        description="Label Studio legacy API token; overrides /setup's `access_token`. Used only with "
+        "LABEL_STUDIO_URL (it is sent to no other host). Never logged.",
+    )
+    setup_allow_private_hosts: bool = Field(
+        default=False,
+        description="Accept a /setup `hostname` on a loopback, private or link-local address (a Label Studio on "
+        "this machine or network, without LABEL_STUDIO_URL). Off: such a /setup is refused.",
     )
     label_studio_upload_dir: Path | None = Field(
         default=None,
@@ -51,6 +60,9 @@ class Settings(BaseSettings):
         description="Shared secret /webhook requires (X-Webhook-Secret header or ?secret=); unset -> open.",
     )
     log_level: str = Field(default="INFO", description="Python logging level of the web process.")
+    max_request_bytes: int = Field(
+        default=16 * 1024 * 1024, gt=0, description="Largest request body accepted (413 above)."
+    )
 
     # --- Image fetching -----------------------------------------------------------------------------------
     allowed_image_hosts: Annotated[list[str], NoDecode] = Field(
@@ -62,6 +74,12 @@ class Settings(BaseSettings):
     image_download_timeout_s: float = Field(default=15.0, gt=0, description="Connect+read timeout per image.")
     image_max_redirects: int = Field(default=3, ge=0, description="Redirects followed per image download.")
     image_fetch_workers: int = Field(default=4, ge=1, description="Parallel image downloads per /predict.")
+    image_cache_max_bytes: int = Field(
+        default=2 * 1024**3,
+        gt=0,
+        description="Downloaded images kept under MODEL_DIR/image-cache; the least recently used are deleted "
+        "above this.",
+    )
     predict_fetch_budget_s: float = Field(
         default=60.0,
         gt=0,
@@ -96,6 +114,18 @@ class Settings(BaseSettings):
         description="How long /predict waits for the workers after fetching images; late tasks get an empty "
         "prediction (model_version <version>-pending), stay queued, and are answered from the cache next time. "
         "Keep PREDICT_FETCH_BUDGET_S + PREDICT_WAIT_S well under Label Studio's 100 s.",
+    )
+    predict_max_tasks: int = Field(
+        default=1000,
+        ge=1,
+        description="Most tasks in one /predict (400 above; \"Retrieve predictions\" sends all selected tasks at "
+        "once: select fewer).",
+    )
+    predict_job_ttl_s: int = Field(
+        default=3600,
+        gt=0,
+        description="A queued predict job not started within this is dropped; the next request for its tasks "
+        "queues them again.",
     )
     predict_job_timeout_s: int = Field(
         default=600, gt=0, description="RQ timeout of a predict job, per task (a job of n tasks gets n times this)."
