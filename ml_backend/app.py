@@ -101,6 +101,7 @@ def create_app(
         training_trigger=training_trigger or record_training_request,
     )
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # werkzeug answers 413 above it
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[EXTENSION_KEY] = services
 
@@ -116,6 +117,7 @@ def create_app(
     if owns_redis:
         atexit.register(close)
 
+    warn_if_open(settings)
     _register_auth(app, settings)
     _register_errors(app)
     _register_routes(app, services)
@@ -125,6 +127,20 @@ def create_app(
 # ---------------------------------------------------------------------------------------------------------
 # Auth
 # ---------------------------------------------------------------------------------------------------------
+def warn_if_open(settings: Settings) -> None:
+    """Log loudly, once per app, what a deployment without credentials exposes (the safe one sets
+    LABEL_STUDIO_URL and basic auth: README "Security")."""
+    if settings.basic_auth_enabled:
+        return
+    logger.warning(
+        "!! BASIC_AUTH_USER/BASIC_AUTH_PASS are unset: /setup, /predict and /webhook are open to anyone who can "
+        "reach port %s.%s Set basic auth (and LABEL_STUDIO_URL) for any deployment beyond this machine.",
+        settings.port,
+        "" if settings.label_studio_url else " Without LABEL_STUDIO_URL, /setup also decides which Label Studio "
+        "host this backend fetches images from.",
+    )
+
+
 def _basic_auth_ok(settings: Settings) -> bool:
     auth = request.authorization
     if not settings.basic_auth_enabled or auth is None or auth.type != "basic":
@@ -144,14 +160,23 @@ def _register_auth(app: Flask, settings: Settings) -> None:
         if endpoint in OPEN_ENDPOINTS:
             return None
         if endpoint == "webhook":
-            if settings.webhook_secret is None:
+            if settings.webhook_secret is not None:
+                expected = settings.webhook_secret.get_secret_value().encode()
+                given = request.headers.get("X-Webhook-Secret") or request.args.get("secret") or ""
+                if hmac.compare_digest(given.encode(), expected) or _basic_auth_ok(settings):
+                    return None
+                raise AuthError(
+                    "This webhook needs WEBHOOK_SECRET: send it as an X-Webhook-Secret header or ?secret= query."
+                )
+            if not settings.basic_auth_enabled or _basic_auth_ok(settings):
                 return None
-            expected = settings.webhook_secret.get_secret_value().encode()
-            given = request.headers.get("X-Webhook-Secret") or request.args.get("secret") or ""
-            if hmac.compare_digest(given.encode(), expected) or _basic_auth_ok(settings):
-                return None
+            # Basic auth protects the backend, so an unauthenticated webhook may not change its state (training,
+            # the stored label config). Label Studio's annotation webhooks carry no credentials: they need a secret.
+            logger.warning("refused an unauthenticated /webhook: basic auth is on but WEBHOOK_SECRET is unset; set "
+                           "WEBHOOK_SECRET and add it to the project's webhook (X-Webhook-Secret header)")
             raise AuthError(
-                "This webhook needs WEBHOOK_SECRET: send it as an X-Webhook-Secret header or ?secret= query."
+                "Basic auth is on, so /webhook needs WEBHOOK_SECRET (the backend's operator sets it, and the "
+                "project's webhook sends it as an X-Webhook-Secret header) or basic-auth credentials."
             )
         if settings.basic_auth_enabled and not _basic_auth_ok(settings):
             response = jsonify(
@@ -199,11 +224,52 @@ def _register_errors(app: Flask) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Routes
 # ---------------------------------------------------------------------------------------------------------
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of a request body accepted; Label Studio's bodies nest about ten levels."""
+
+
 def _json_body() -> dict[str, Any]:
-    body = request.get_json(force=True, silent=True)
+    """The request's JSON object, checked before any route reads it.
+
+    Raises:
+      BadRequestError: not JSON, not an object, nested deeper than MAX_JSON_DEPTH, or holding text that is not
+        valid Unicode (a lone surrogate such as ``"\\ud800"``, which no store can encode).
+    """
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:  # nested beyond what the parser itself can take
+        raise BadRequestError(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.") from None
     if not isinstance(body, dict):
         raise BadRequestError("The request body must be a JSON object (Content-Type: application/json).")
+    _check_json(body)
     return body
+
+
+def _check_json(body: Any) -> None:
+    """Walk ``body`` without recursion: depth at most MAX_JSON_DEPTH, every string (keys too) encodable as UTF-8."""
+    todo: list[tuple[Any, int]] = [(body, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequestError(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key)
+                todo.append((item, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            _check_text(value)
+
+
+def _check_text(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequestError(
+                "The request body holds text that is not valid Unicode (a lone surrogate escape such as \\ud800)."
+            ) from None
 
 
 def _register_routes(app: Flask, services: BackendServices) -> None:
@@ -250,6 +316,11 @@ def _register_routes(app: Flask, services: BackendServices) -> None:
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
             raise BadRequestError("/predict needs `tasks`: a list of Label Studio tasks.")
+        if len(tasks) > settings.predict_max_tasks:
+            raise BadRequestError(
+                f"/predict got {len(tasks)} tasks; at most PREDICT_MAX_TASKS={settings.predict_max_tasks} are "
+                "answered in one request. Select fewer tasks for \"Retrieve predictions\"."
+            )
         params = body.get("params") if isinstance(body.get("params"), Mapping) else {}
         model = model_for(body.get("project"), body.get("label_config"))
         results = model.predict(tasks, context=params.get("context"))

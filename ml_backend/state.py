@@ -20,18 +20,26 @@ from ml_backend.label_config import LabelConfig
 from ml_backend.redis_conn import text, text_map
 from ml_backend.settings import Settings
 
+MAX_PROJECT_ID = 2**63 - 1
+"""Label Studio's project ids are positive database integers; anything larger is not one."""
+
 
 def project_id_from(value: Any) -> int:
-    """Label Studio's project reference -> numeric id: ``"1.1795439330"``, ``1``, ``"1"`` or ``{"id": 1}``."""
+    """Label Studio's project reference -> numeric id: ``"1.1795439330"``, ``1``, ``"1"`` or ``{"id": 1}``.
+
+    Raises:
+      BadRequestError: anything else, including ids of more than 18 digits, non-ASCII digits (``"²"``) and
+        negative numbers.
+    """
     if isinstance(value, Mapping):
         value = value.get("id")
     if isinstance(value, bool):
         value = None
-    if isinstance(value, int):
+    if isinstance(value, int) and 0 <= value <= MAX_PROJECT_ID:
         return value
     if isinstance(value, str):
         head = value.split(".", 1)[0].strip()
-        if head.isdigit():
+        if head.isascii() and head.isdigit() and len(head) <= 18:
             return int(head)
     raise BadRequestError(
         f"`project` must be Label Studio's project reference such as \"1.1795439330\" or {{\"id\": 1}}, "
