@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
+from gunicorn.glogging import Logger
 from redis import Redis
 
 from ml_backend.redis_conn import close_redis, connect_redis, disown_redis
@@ -23,6 +25,28 @@ workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 timeout = 120
 accesslog = "-"
+
+
+_SECRET_QUERY = re.compile(r"(?i)\b(secret|token|access_token|password)=[^&\s]*")
+_SECRET_HEADERS = ("{authorization}i", "{x-webhook-secret}i", "{cookie}i")
+
+
+class RedactingLogger(Logger):
+    """gunicorn's logger with secrets cut out of access-log lines: ``?secret=`` (the webhook secret) and similar
+    query parameters become ``secret=***``; credential headers are never printed, whatever the log format."""
+
+    def atoms(self, resp: Any, req: Any, environ: Any, request_time: Any) -> dict[str, Any]:
+        atoms = super().atoms(resp, req, environ, request_time)
+        for key in ("r", "q", "f"):
+            if isinstance(atoms.get(key), str):
+                atoms[key] = _SECRET_QUERY.sub(r"\1=***", atoms[key])
+        for key in _SECRET_HEADERS:
+            if key in atoms:
+                atoms[key] = "***"
+        return atoms
+
+
+logger_class = RedactingLogger
 
 _master_redis: Redis | None = None
 
