@@ -64,7 +64,7 @@ any_text = st.text(alphabet=st.characters(codec=None, exclude_categories=()), ma
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=False, allow_infinity=False), any_text,
-    st.sampled_from(["", "1", "1.1795439330", "²", "1" * 5000, "a b", "/data/upload/1/x.png",
+    st.sampled_from(["", "1", "1.1795439330", "²", "1" * 5000, "a b", "x\ud800y", "/data/upload/1/x.png",
                      "http://127.0.0.1:1/x.png", "http://169.254.169.254/latest/meta-data/", "../../etc/passwd",
                      "<View/>", "START_TRAINING", "ANNOTATION_CREATED"]),
 )
