@@ -5,6 +5,14 @@ arguments, so any ``alignsam-worker`` on any machine pointed at the same Redis c
 used through its public API only. Queues: ``predict`` (latency-sensitive), ``train`` (one job per project at a
 time), ``prelabel`` (bulk). The product's own Redis keys are in :mod:`ml_backend.keys`.
 
+Nothing read from Redis is unpickled: every queue, job, registry and worker of the product, here and in
+:mod:`workers.worker`, is built with :data:`SERIALIZER` (RQ's JSON serializer) and :class:`ProductJob` (through
+:func:`product_queue`, :func:`read_job` / :func:`fetch_job` / :func:`fetch_jobs`, :func:`started_registry`), so a
+job's call, meta and results are JSON text. RQ's pickle default would let anyone who can write to Redis run code in the web process (``GET
+/status`` reads job meta) and in the workers. JSON alone still lets a job hash name any importable function
+(``func_name``), failure or success callback, or webhook; :class:`ProductJob` runs only the product's three job
+functions and none of the others.
+
 Prediction: a ``/predict`` answers every task whose prediction is cached at once. For each other task it joins the
 live job already computing it (the task's job marker), or enqueues new jobs: the remaining tasks in order, split
 evenly over the predict workers not busy now, at most ``PREDICT_BATCH_SIZE`` per job, so a burst is shared by the
@@ -23,6 +31,7 @@ job reads the annotations when it starts); a trigger while one runs queues one f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,9 +48,11 @@ from redis import ConnectionPool, Redis
 from redis.exceptions import RedisError
 from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
-from rq.job import Dependency, Job, JobStatus
+from rq.job import JOB_ID_PATTERN, Dependency, Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.results import Result
+from rq.serializers import JSONSerializer
+from rq.webhook import Webhook
 from rq.worker import WorkerStatus
 
 from ml_backend.formats import empty_prediction
@@ -49,11 +60,12 @@ from ml_backend.keys import (
     JOB_RECORD_TTL_S,
     PENDING_SUFFIX,
     PREDICT_FAILURE_TTL_S,
-    PREDICT_JOB_MIN_TTL_S,
     PREDICT_RESULT_TTL_S,
     TRAIN_HISTORY_KEPT,
     TRAIN_LOCK_TIMEOUT_S,
     Keys,
+    digest,
+    plain_task_id,
 )
 from ml_backend.ports import (
     PredictionRequest,
@@ -74,9 +86,73 @@ QUEUES = (PREDICT_QUEUE, TRAIN_QUEUE, PRELABEL_QUEUE)
 PREDICT_JOB = "workers.jobs.predict_tasks"
 TRAIN_JOB = "workers.jobs.train_project"
 PRELABEL_JOB = "workers.jobs.prelabel_project"
+JOB_FUNCTIONS = frozenset({PREDICT_JOB, TRAIN_JOB, PRELABEL_JOB})
+"""the only functions a job may name: a worker refuses any other ``func_name``"""
 
 WAITING_STATUSES = frozenset(s.value for s in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED))
 ALIVE_STATUSES = WAITING_STATUSES | {JobStatus.STARTED.value}
+UNREADABLE = "unreadable"
+"""``GET /status``'s status of a job whose record in Redis this backend cannot read (not one it wrote)"""
+
+SERIALIZER = JSONSerializer
+"""How jobs (call, meta, results) are stored, by the web process and the workers alike: JSON, never pickle."""
+
+
+class ForeignJobError(RuntimeError):
+    """A job in Redis names a function this product does not run (someone else wrote it): it is failed unrun."""
+
+
+class ProductJob(Job):
+    """An RQ job that can only run the product's job functions (:data:`JOB_FUNCTIONS`), as plain functions.
+
+    A job hash is data anyone with write access to Redis can forge. With JSON it can no longer carry code, but RQ
+    would still import and call whatever it names: the job's function, its success / failure / stopped callbacks
+    (the failure callback runs in whichever process reaps an abandoned job: the web process too) and its webhooks
+    (HTTP requests to any URL). The product uses no callbacks and no webhooks, so this class has none whatever the
+    hash says, and a function outside :data:`JOB_FUNCTIONS` raises :class:`ForeignJobError` instead of being
+    imported: the worker records that as the job's failure.
+    """
+
+    @property
+    def func(self) -> Any:
+        name = self.func_name
+        if name not in JOB_FUNCTIONS or self.instance is not None:
+            raise ForeignJobError(
+                f"job {self.id} names {ascii(name)[:200]}, which this worker does not run (it runs only "
+                f"{', '.join(sorted(JOB_FUNCTIONS))}); something other than the AlignSAM backend wrote it to Redis: "
+                "check who can reach Redis (REDIS_URL password, network policy)."
+            )
+        return super().func
+
+    @property
+    def success_callback(self) -> None:
+        return None
+
+    @property
+    def failure_callback(self) -> None:
+        return None
+
+    @property
+    def stopped_callback(self) -> None:
+        return None
+
+    @property  # type: ignore[override]
+    def webhooks(self) -> list[Webhook]:
+        return []
+
+    @webhooks.setter
+    def webhooks(self, value: Sequence[Webhook]) -> None:
+        """Ignored: the product sends no webhooks, and a stored list is not ours to send."""
+
+
+def product_queue(name: str, redis: Redis) -> Queue:
+    """The product's queue ``name`` on ``redis``: JSON jobs of :class:`ProductJob`."""
+    return Queue(name, connection=redis, serializer=SERIALIZER, job_class=ProductJob)
+
+
+def started_registry(name: str, redis: Redis) -> StartedJobRegistry:
+    """The started-job registry of queue ``name`` (its cleanup reads jobs: as JSON :class:`ProductJob`)."""
+    return StartedJobRegistry(name, connection=redis, serializer=SERIALIZER, job_class=ProductJob)
 
 
 _digests: OrderedDict[tuple[str, int, int, int], str] = OrderedDict()
@@ -117,14 +193,65 @@ def job_status(job: Job, refresh: bool = True) -> str | None:
     return None if status is None else str(status.value if hasattr(status, "value") else status)
 
 
+class UnreadableJobError(RuntimeError):
+    """A job record in Redis that this backend did not write (not JSON, a malformed field, an invalid id)."""
+
+
+def read_job(redis: Redis, job_id: str) -> Job | None:
+    """The job with this id read as JSON, or None when it expired; raises :class:`UnreadableJobError` when its
+    record is not one this backend wrote (a pickled payload, a malformed field). An id RQ would not make (RQ's
+    letters, digits, ``_`` and ``-``) names no job: None."""
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        return None
+    try:
+        job = ProductJob.fetch(job_id, connection=redis, serializer=SERIALIZER)
+    except NoSuchJobError:
+        return None
+    except RedisError:
+        raise
+    except Exception as exc:  # ValueError (an invalid status), DeserializationError, UnicodeDecodeError ...
+        raise UnreadableJobError(f"{type(exc).__name__}: {exc}") from exc
+    if not _is_json(job.meta):  # RQ keeps meta it could not decode as raw bytes
+        raise UnreadableJobError("its meta is not JSON")
+    return job
+
+
 def fetch_job(redis: Redis, job_id: str | None) -> Job | None:
-    """The job with this id, or None (no id, or expired)."""
+    """The job with this id, or None (no id, expired, or unreadable: see :func:`read_job`)."""
     if not job_id:
         return None
     try:
-        return Job.fetch(job_id, connection=redis)
-    except NoSuchJobError:
+        return read_job(redis, job_id)
+    except UnreadableJobError as exc:
+        logger.warning("job %s in Redis is unreadable (%s); ignored", ascii(job_id)[:80], exc)
         return None
+
+
+def fetch_jobs(redis: Redis, job_ids: Sequence[str]) -> list[Job | None]:
+    """:func:`fetch_job` for many ids in one round trip (one by one when a record among them is unreadable)."""
+    try:
+        jobs = ProductJob.fetch_many(job_ids, connection=redis, serializer=SERIALIZER)
+        if all(job is None or _is_json(job.meta) for job in jobs):
+            return jobs
+    except RedisError:
+        raise
+    except Exception:  # an unreadable record: find which
+        pass
+    return [fetch_job(redis, job_id) for job_id in job_ids]
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def predict_job_id(project_id: int) -> str:
+    """A new predict job's id: the project id (an int) and a random uuid, never anything from the request's
+    tasks (RQ allows only letters, digits, ``_`` and ``-`` in job ids, and a task id may be anything)."""
+    return f"predict-{int(project_id)}-{uuid.uuid4().hex}"
 
 
 def chunk_sizes(tasks: int, idle_workers: int, batch_size: int) -> list[int]:
@@ -147,13 +274,13 @@ class QueuePredictor:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.redis_key_prefix)
-        self.queue = Queue(PREDICT_QUEUE, connection=redis)
+        self.queue = product_queue(PREDICT_QUEUE, redis)
         # RQ's Worker objects (built to read the workers' states) set a socket timeout on their connection's pool:
         # they get a pool of their own, so this process's connection keeps its settings.
         pool = redis.connection_pool
         lookup = Redis(connection_pool=ConnectionPool(connection_class=pool.connection_class,
                                                       max_connections=4, **pool.connection_kwargs))
-        self._workers_queue = Queue(PREDICT_QUEUE, connection=lookup)
+        self._workers_queue = product_queue(PREDICT_QUEUE, lookup)
 
     def __call__(self, request: PredictionRequest) -> list[dict[str, Any] | None]:
         try:
@@ -164,6 +291,33 @@ class QueuePredictor:
             ) from exc
 
     def _predict(self, request: PredictionRequest) -> list[dict[str, Any] | None]:
+        """The answers: see :meth:`_predict_usable` for tasks with a usable id, an empty prediction for the others.
+
+        Label Studio's task ids are integers. An id that is neither an integer nor a short plain string
+        (:func:`ml_backend.keys.plain_task_id`: ``"a b"``, ``1.5``, ``{}``, 5000 characters, a lone surrogate) can
+        only come from a hand-made request; such a task gets an empty prediction of the current model version and
+        a log line, and its id goes nowhere else. Predicting it anyway would carry the raw id into the job, its
+        description, its failure text and the worker's logs (redis-py cannot even encode a lone surrogate), for
+        no task Label Studio could store the answer of. The other tasks of the request are answered as usual.
+        """
+        usable = [i for i, task in enumerate(request.tasks) if plain_task_id(task.get("id")) is not None]
+        if len(usable) == len(request.tasks):
+            return self._predict_usable(request)
+        for i in sorted(set(range(len(request.tasks))) - set(usable)):
+            logger.warning("project %s: task #%d of the request has the id %s, not an integer or a short plain "
+                           "string (letters, digits, _ and -); empty prediction", request.project_id, i,
+                           ascii(request.tasks[i].get("id"))[:80])
+        self._count("predict_unusable_task_ids", len(request.tasks) - len(usable))
+        answers: list[dict[str, Any] | None] = [empty_prediction(request.model_version) for _ in request.tasks]
+        if usable:
+            sub = dataclasses.replace(request, tasks=[request.tasks[i] for i in usable],
+                                      images=[request.images[i] for i in usable])
+            for i, answer in zip(usable, self._predict_usable(sub), strict=True):
+                answers[i] = answer
+        return answers
+
+    def _predict_usable(self, request: PredictionRequest) -> list[dict[str, Any] | None]:
+        """Cache, the jobs computing the tasks, the wait; every task's id is plain."""
         version = request.model_version
         keys = self.cache_keys(request)
         answers: list[dict[str, Any] | None] = [None] * len(keys)
@@ -218,7 +372,7 @@ class QueuePredictor:
         markers = [self.keys.predict_job_marker(keys[i]) for i in missing]
         known = [text(v) for v in self.redis.mget(markers)]
         ids = sorted({i for i in known if i})
-        alive = {job.id: job for job in Job.fetch_many(ids, connection=self.redis)
+        alive = {job.id: job for job in fetch_jobs(self.redis, ids)
                  if job is not None and job_status(job, refresh=False) in ALIVE_STATUSES}
         jobs: list[Job | None] = [alive.get(i) if i else None for i in known]
         todo = [n for n, job in enumerate(jobs) if job is None]
@@ -230,7 +384,7 @@ class QueuePredictor:
 
     def idle_workers(self) -> int:
         """Workers on the ``predict`` queue not running a job now (at least 1)."""
-        workers = Worker.all(queue=self._workers_queue)
+        workers = Worker.all(queue=self._workers_queue, job_class=ProductJob, serializer=SERIALIZER)
         return max(sum(w.get_state() != WorkerStatus.BUSY for w in workers), 1)
 
     def _enqueue(self, request: PredictionRequest, keys: Sequence[str], tasks: Sequence[int],
@@ -246,7 +400,7 @@ class QueuePredictor:
         for size in sizes:
             chunk = tasks[start : start + size]
             start += size
-            ids = [request.tasks[i].get("id") for i in chunk]
+            ids = [plain_task_id(request.tasks[i].get("id")) for i in chunk]
             data.append(Queue.prepare_data(
                 PREDICT_JOB,
                 kwargs={
@@ -264,11 +418,13 @@ class QueuePredictor:
                 timeout=s.predict_job_timeout_s * size,
                 result_ttl=PREDICT_RESULT_TTL_S,
                 failure_ttl=PREDICT_FAILURE_TTL_S,
-                ttl=max(s.predict_cache_ttl_s, PREDICT_JOB_MIN_TTL_S),
-                job_id=f"predict-{request.project_id}-{ids[0]}-{uuid.uuid4().hex[:12]}",
-                description=f"predict project {request.project_id}, {size} task(s): {ids}",
+                ttl=s.predict_job_ttl_s,
+                job_id=predict_job_id(request.project_id),
+                description=f"predict project {int(request.project_id)}, {size} task(s): {', '.join(map(str, ids))}",
             ))
-        marker_ttl = max(s.predict_job_timeout_s * 2, PREDICT_JOB_MIN_TTL_S)
+        # A marker lives as long as a queued job may: once its job is gone (run, failed or dropped) a stale marker
+        # is ignored anyway (jobs_for joins only live jobs).
+        marker_ttl = s.predict_job_ttl_s
         with self.redis.pipeline() as pipe:
             new = self.queue.enqueue_many(data, pipeline=pipe)
             owners = [job for job, size in zip(new, sizes, strict=True) for _ in range(size)]
@@ -327,7 +483,7 @@ class QueueTrainingTrigger:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.redis_key_prefix)
-        self.queue = Queue(TRAIN_QUEUE, connection=redis)
+        self.queue = product_queue(TRAIN_QUEUE, redis)
 
     def __call__(self, request: TrainingRequest) -> TrainingTicket:
         pid = request.project_id
@@ -351,7 +507,7 @@ class QueueTrainingTrigger:
                 timeout=self.settings.train_job_timeout_s,
                 result_ttl=JOB_RECORD_TTL_S,
                 failure_ttl=JOB_RECORD_TTL_S,
-                job_id=f"train-{pid}-{uuid.uuid4().hex[:12]}",
+                job_id=f"train-{int(pid)}-{uuid.uuid4().hex}",
                 description=f"train project {pid}: {request.reason}",
                 depends_on=depends_on,
             )
@@ -369,12 +525,15 @@ class QueueTrainingTrigger:
 
 
 def enqueue_prelabel(redis: Redis, settings: Settings, project_id: int, model_version: str) -> Job:
-    """Queue (once per project and model version) the job that pre-labels the project's unlabelled tasks."""
-    job_id = f"prelabel-{project_id}-{model_version}"
+    """Queue (once per project and model version) the job that pre-labels the project's unlabelled tasks.
+
+    Its id is derived from both (a digest of the model version, whose prefix is an operator setting), so a second
+    call while it is queued or running finds it."""
+    job_id = f"prelabel-{int(project_id)}-{digest(model_version)}"
     existing = fetch_job(redis, job_id)
     if existing is not None and job_status(existing) in ALIVE_STATUSES:
         return existing
-    return Queue(PRELABEL_QUEUE, connection=redis).enqueue_call(
+    return product_queue(PRELABEL_QUEUE, redis).enqueue_call(
         PRELABEL_JOB,
         kwargs={"project_id": project_id, "model_version": model_version},
         timeout=settings.prelabel_job_timeout_s,
@@ -388,7 +547,8 @@ def enqueue_prelabel(redis: Redis, settings: Settings, project_id: int, model_ve
 def training_jobs(redis: Redis, keys: Keys, project_id: int) -> list[dict[str, Any]]:
     """Summaries of the project's recent training jobs, newest first (reaps abandoned jobs first)."""
     reap_abandoned(redis, QUEUES)
-    ids = [text(v) for v in redis.lrange(keys.train_jobs(project_id), 0, -1)]
+    ids = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)  # ours are ASCII; others are not read
+           for v in redis.lrange(keys.train_jobs(project_id), 0, -1)]
     return [s for s in (job_summary(redis, i, reap=False) for i in ids) if s is not None]
 
 
@@ -400,16 +560,26 @@ def reap_abandoned(redis: Redis, queue_names: Sequence[str] = QUEUES) -> None:
     """
     for name in queue_names:
         try:
-            StartedJobRegistry(name, connection=redis).cleanup()
+            started_registry(name, redis).cleanup()
         except RedisError:
             logger.warning("could not reap abandoned %s jobs", name, exc_info=True)
 
 
 def job_summary(redis: Redis, job_id: str | None, reap: bool = True) -> dict[str, Any] | None:
-    """A job's status, progress meta and failure reason, for ``GET /status/<project>``; None when it expired."""
+    """A job's status, progress meta and failure reason, for ``GET /status/<project>``; None when it expired.
+
+    A record this backend did not write (see :func:`read_job`) is summarised as ``{"id", "status":
+    "unreadable", "failure"}``, read as JSON only: nothing in it is unpickled, imported or run."""
     if reap:
         reap_abandoned(redis, QUEUES)
-    job = fetch_job(redis, job_id)
+    if not job_id:
+        return None
+    try:
+        job = read_job(redis, job_id)
+    except UnreadableJobError as exc:
+        logger.warning("job %s in Redis is unreadable (%s): not written by this backend", ascii(job_id)[:80], exc)
+        return {"id": ascii(job_id)[1:-1][:200], "status": UNREADABLE,
+                "failure": "this job's record in Redis was not written by this backend (not JSON); ignored"}
     if job is None:
         return None
     summary: dict[str, Any] = {

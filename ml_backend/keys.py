@@ -1,6 +1,7 @@
 """Every Redis key, lifetime and model-version suffix this product writes, in one place.
 
-Keys, with ``P = REDIS_KEY_PREFIX`` (``alignsam``); RQ's own keys (``rq:*``) are RQ's business:
+Keys, with ``P = REDIS_KEY_PREFIX`` (``alignsam``); RQ's own keys (``rq:*``, JSON jobs: :mod:`ml_backend.job_queue`)
+are RQ's business, their lifetimes are set here and in the settings (a queued predict job: ``PREDICT_JOB_TTL_S``):
 
 ===============================================  ==============================================================
 ``P:projects``                                   set of project ids seen
@@ -18,8 +19,10 @@ Keys, with ``P = REDIS_KEY_PREFIX`` (``alignsam``); RQ's own keys (``rq:*``) are
 ``P:project:<id>:trained-set``                   fingerprint of what the active policies were trained on
 ``P:project:<id>:prelabelled:<version>``         set: task ids pre-labelled with that version (``JOB_RECORD_TTL_S``)
 ``P:pred:<pid>:<task>:<image>:<version>:<cfg>``  a task's finished prediction (JSON), per image content hash, model
-                                                 version and config hash (``PREDICT_CACHE_TTL_S``)
-``P:predjob:<digest of the above>``              id of the predict job computing that entry (while it is alive)
+                                                 version and config hash (``PREDICT_CACHE_TTL_S``); ``<task>`` is
+                                                 :func:`task_key` of the task id (never the raw id)
+``P:predjob:<digest of the above>``              id of the predict job computing that entry (``PREDICT_JOB_TTL_S``,
+                                                 the longest a queued predict job is kept)
 ``P:predready:<digest of the above>``            stream the worker appends to right after writing the entry
                                                  (``READY_TTL_S``), so ``/predict`` wakes before RQ's bookkeeping
 ``P:versions``                                   set of model versions ever reported
@@ -30,6 +33,7 @@ Keys, with ``P = REDIS_KEY_PREFIX`` (``alignsam``); RQ's own keys (``rq:*``) are
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,24 +46,51 @@ PENDING_SUFFIX = "-pending"
 """appended to the model version of an empty prediction whose task is still being computed"""
 
 # --- lifetimes (seconds) -----------------------------------------------------------------------------------
+# A queued predict job, and the marker naming it, live ``PREDICT_JOB_TTL_S`` (a setting); once a worker starts it
+# RQ keeps it until it ends, then for one of these:
 READY_TTL_S = 600
 """a task's ready stream: only requests waiting while its job runs read it (later ones hit the cache)"""
 PREDICT_RESULT_TTL_S = 600
-"""a finished predict job's RQ result: the prediction itself is in the cache"""
+"""a finished predict job and its RQ result: the prediction itself is in the cache, and ``/predict`` reads the
+result only while it waits"""
 PREDICT_FAILURE_TTL_S = 24 * 3600
-"""a failed predict job, for the operator to look at"""
-PREDICT_JOB_MIN_TTL_S = 3600
-"""least time a queued predict job, and the marker naming it, are kept"""
+"""a failed predict job (its reason, and its tasks), for the operator to look at for a day; ``/predict`` reads the
+reason only while it waits, and the next request for its tasks queues a new job"""
 JOB_RECORD_TTL_S = 30 * 24 * 3600
-"""training and prelabel jobs' results and failures, and the prelabelled-task sets"""
+"""training and prelabel jobs' results and failures (one job at a time per project, shown by ``GET /status``), and
+the prelabelled-task sets"""
 TRAIN_LOCK_TIMEOUT_S = 10
 """a training trigger's lock expires after this (a trigger never holds it that long)"""
 TRAIN_HISTORY_KEPT = 10
 """training job ids kept per project for ``GET /status/<project>``"""
 
 
-def _digest(cache_key: str) -> str:
-    return hashlib.sha256(cache_key.encode()).hexdigest()[:24]
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_INT_ID_LIMIT = 2**63
+
+
+def digest(text: str) -> str:
+    """A short, key-safe digest of ``text`` (24 hex digits of its SHA-256)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def plain_task_id(task_id: Any) -> str | None:
+    """The task id as key text when it is plain: an integer (what Label Studio sends; not a bool, within 64 bits)
+    or a string of 1-64 letters, digits, ``_`` and ``-``; None for anything else."""
+    if isinstance(task_id, int) and not isinstance(task_id, bool) and -_INT_ID_LIMIT < task_id < _INT_ID_LIMIT:
+        return str(task_id)
+    if isinstance(task_id, str) and _PLAIN_ID.fullmatch(task_id):
+        return task_id
+    return None
+
+
+def task_key(task_id: Any) -> str:
+    """A task id's part of a Redis key: :func:`plain_task_id` when it is plain, else ``~`` and a digest of the id,
+    so no client-supplied id (separators, 5000 characters, lone surrogates) ever lands in a key as it is."""
+    plain = plain_task_id(task_id)
+    if plain is not None:
+        return plain
+    return "~" + digest(ascii(task_id))
 
 
 @dataclass(frozen=True)
@@ -118,16 +149,16 @@ class Keys:
 
     # --- predictions --------------------------------------------------------------------------------------
     def prediction(self, pid: int, task_id: Any, image_digest: str, model_version: str, config_hash: str) -> str:
-        """A task's cached prediction."""
-        return f"{self.prefix}:pred:{pid}:{task_id}:{image_digest}:{model_version}:{config_hash}"
+        """A task's cached prediction (the task id through :func:`task_key`)."""
+        return f"{self.prefix}:pred:{int(pid)}:{task_key(task_id)}:{image_digest}:{model_version}:{config_hash}"
 
     def predict_job_marker(self, cache_key: str) -> str:
         """Holds the id of the predict job computing ``cache_key``."""
-        return f"{self.prefix}:predjob:{_digest(cache_key)}"
+        return f"{self.prefix}:predjob:{digest(cache_key)}"
 
     def prediction_ready(self, cache_key: str) -> str:
         """Stream the worker appends to once ``cache_key`` holds the task's prediction."""
-        return f"{self.prefix}:predready:{_digest(cache_key)}"
+        return f"{self.prefix}:predready:{digest(cache_key)}"
 
 
 def untrained_suffix(zero_shot: bool) -> str:

@@ -18,6 +18,10 @@ Training, per project (one job at a time, see :class:`ml_backend.job_queue.Queue
 
 Progress (stage, label, episode, losses, validation IoU) goes to the job's meta and the project's training
 record, both shown by ``GET /status/<project>``.
+
+RQ stores jobs as JSON (:data:`ml_backend.job_queue.SERIALIZER`), so the meta a job writes and the value it returns
+go through :func:`jsonable` (numpy numbers become Python numbers): RQ would store a return value JSON cannot encode
+as a placeholder, and a meta update it cannot encode would fail the job.
 """
 
 from __future__ import annotations
@@ -79,10 +83,26 @@ def _store(conn: Redis, settings: Settings) -> ProjectStore:
     return ProjectStore(conn, settings, zero_shot=settings.zero_shot)
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    return str(value)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data (dicts, lists, str, numbers, bool, None): numpy scalars and arrays become
+    numbers and lists, sets sorted lists, anything else its ``str``."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
 def _meta(job: Job | None, **fields: Any) -> None:
     if job is None:
         return
-    job.meta.update(fields)
+    job.meta.update(jsonable(fields))
     job.save_meta()
 
 
@@ -154,7 +174,7 @@ def predict_tasks(
     if failures:
         raise PredictTasksError(f"{len(failures)} of {len(tasks)} tasks not predicted: " + "; ".join(
             f"task {tasks[n]['task'].get('id')}: {reason}" for n, reason in sorted(failures.items())))
-    return {"project": project_id, "tasks": outcomes, "batch": len(tasks), "compute_s": compute_s}
+    return jsonable({"project": project_id, "tasks": outcomes, "batch": len(tasks), "compute_s": compute_s})
 
 
 def _predict_batch(m: Models, images: list[np.ndarray], project_id: int, config: LabelConfig,
@@ -258,10 +278,10 @@ def train_project(project_id: int, reason: str = "", requested_at: float | None 
     cfg = train_config(run.settings)
     fingerprint = _training_set_fingerprint(tasks, config, cfg)
     if _trained_on(run, fingerprint):
-        return _skip(run, fingerprint)
+        return jsonable(_skip(run, fingerprint))
     data = _load_training_images(run, access, tasks, config)
     results, activated = _train_labels(run, config, data, cfg)
-    return _finish(run, fingerprint, results, activated)
+    return jsonable(_finish(run, fingerprint, results, activated))
 
 
 def _read_labelled_tasks(run: _TrainingRun) -> tuple[LabelConfig, LabelStudioAccess, list[dict[str, Any]]]:

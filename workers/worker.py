@@ -19,6 +19,9 @@ job would load SAM again. What the fork gave, it does itself, through RQ's publi
 - **Job timeouts**: RQ's SIGALRM death penalty works in-process (jobs run on the main thread).
 - **Redis outages**: bookkeeping that meets one is logged and skipped; RQ's dequeue loop then waits for Redis with
   backoff, instead of the worker exiting.
+- **What it runs**: jobs are read as JSON (:data:`ml_backend.job_queue.SERIALIZER`, never pickle) into
+  :class:`ml_backend.job_queue.ProductJob`, which runs only the product's three job functions (any other
+  ``func_name`` fails the job unrun, with a reason that says so) and no callbacks or webhooks a job hash may name.
 
 Predict jobs arrive as chunks of tasks (:mod:`ml_backend.job_queue` sizes them); :func:`workers.jobs.predict_tasks`
 runs each chunk as one batch through the models.
@@ -45,7 +48,7 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.worker import SimpleWorker, WorkerStatus
 
-from ml_backend.job_queue import QUEUES, reap_abandoned
+from ml_backend.job_queue import QUEUES, SERIALIZER, ProductJob, reap_abandoned
 from ml_backend.redis_conn import connect_redis, disown_redis
 from ml_backend.settings import Settings, get_settings
 from workers.models import load_models, set_models
@@ -54,12 +57,19 @@ logger = logging.getLogger(__name__)
 
 
 class AlignSamWorker(SimpleWorker):
-    """Runs jobs in this process (warm models) with short, thread-driven heartbeats."""
+    """Runs jobs in this process (warm models) with short, thread-driven heartbeats; reads JSON
+    :class:`ProductJob` s only, whatever ``serializer`` / ``job_class`` a caller passes (queues given by name or
+    as ``Queue`` objects are rebuilt that way)."""
 
     job_heartbeat_ttl: int = 30
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, queues: Sequence[str | Queue], *args: object, **kwargs: object) -> None:
+        kwargs["serializer"] = SERIALIZER
+        kwargs["job_class"] = ProductJob
+        if kwargs.get("connection") is None and queues and isinstance(queues[0], Queue):
+            kwargs["connection"] = queues[0].connection
+        names = [q.name if isinstance(q, Queue) else q for q in queues]
+        super().__init__(names, *args, **kwargs)  # type: ignore[arg-type]
         self.beat_lock = threading.Lock()
         self.beating: tuple[Job, Execution] | None = None
         self.beat_thread: threading.Thread | None = None
@@ -165,7 +175,7 @@ def build_worker(queues: Sequence[str], settings: Settings, name: str | None = N
     # must never stop it.
     disown_redis(conn)
     worker = AlignSamWorker(
-        [Queue(q, connection=conn) for q in queues],
+        list(queues),
         connection=conn,
         name=name or f"alignsam-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         maintenance_interval=max(settings.job_heartbeat_ttl_s, 10),

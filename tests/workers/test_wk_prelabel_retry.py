@@ -25,6 +25,7 @@ from wk_helpers import (
     WorkerProcess,
     running_worker,
     setup_project,
+    stored_job,
     wait_for,
     worker_env,
 )
@@ -95,11 +96,11 @@ def train_and_get_prelabel_job(client: FlaskClient, ls: FakeLabelStudio, project
                          "annotation": {"id": ann["id"], "task": task_id, "was_cancelled": False},
                          "task": {"id": task_id}})
     started = webhook(client, {"action": "START_TRAINING", "project": {"id": project_id}})
-    training = Job.fetch(started["job_id"], connection=conn)
+    training = stored_job(conn, started["job_id"])
     assert finished(training, "training") == "finished", training.latest_result().exc_string
     summary = training.return_value()
     assert summary["activated"] and summary["prelabel_job"], summary
-    return summary["model_version"], Job.fetch(summary["prelabel_job"], connection=conn)
+    return summary["model_version"], stored_job(conn, summary["prelabel_job"])
 
 
 def predictions_of_version(ls: FakeLabelStudio, version: str) -> dict[int, int]:

@@ -15,8 +15,15 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from redis import Redis
-from rq.job import Job
-from wk_helpers import LABEL_CONFIG, FakeLabelStudio, WorkerProcess, setup_project, wait_for, worker_env
+from wk_helpers import (
+    LABEL_CONFIG,
+    FakeLabelStudio,
+    WorkerProcess,
+    setup_project,
+    stored_job,
+    wait_for,
+    worker_env,
+)
 
 from ml_backend.app import services_of
 from ml_backend.images import FetchedImage
@@ -87,7 +94,7 @@ def test_predict_8_tasks_in_order_through_the_queue(
     # worker got the 8 tasks as one job and ran them as one batch.
     ids = predict_jobs(redis, project_id)
     assert len(ids) == 1
-    jobs = [Job.fetch(i, connection=redis) for i in ids]
+    jobs = [stored_job(redis, i) for i in ids]
     wait_for(lambda: all(j.latest_result() is not None for j in jobs), 30, "the jobs' RQ results")
     [outcome] = [j.latest_result().return_value for j in jobs]
     assert outcome["batch"] == 8
@@ -130,7 +137,7 @@ def test_a_task_failing_in_the_worker_gets_an_empty_prediction_and_its_batch_mat
     assert results[0]["result"] and results[2]["result"]
     assert results[1]["result"] == []
     [job_id] = predict_jobs(redis, project_id)
-    job = Job.fetch(job_id, connection=redis)
+    job = stored_job(redis, job_id)
     assert job.get_status().value == "failed"
     assert "1 of 3 tasks not predicted: task 2: " in job.latest_result().exc_string
     # Only the failed task is computed again, by a new job; the others come from the cache.
@@ -182,7 +189,7 @@ def test_start_training_twice_makes_one_job_that_activates_a_policy(
     train_worker = _train_worker(redis_url, model_dir, tmp_path, "train")
     try:
         train_worker.wait_ready(redis)
-        job = Job.fetch(first["job_id"], connection=redis)
+        job = stored_job(redis, first["job_id"])
         wait_for(lambda: job.get_status(refresh=True).value in ("finished", "failed"), 120, "training",
                  interval=0.5)
         assert job.get_status().value == "finished", train_worker.output()
@@ -198,7 +205,7 @@ def test_start_training_twice_makes_one_job_that_activates_a_policy(
         # Nothing changed since that training set: a new trigger runs a job that skips.
         again = start_training(client, project_id)
         assert again["training_status"] == "queued"
-        job2 = Job.fetch(again["job_id"], connection=redis)
+        job2 = stored_job(redis, again["job_id"])
         wait_for(lambda: job2.get_status(refresh=True).value in ("finished", "failed"), 60, "the second job")
         assert job2.get_status().value == "finished", job2.latest_result().exc_string
         assert job2.return_value()["status"] == "skipped"
@@ -223,14 +230,14 @@ def test_threshold_triggers_training_then_prelabel_fills_exactly_the_unlabelled_
         ls.fail_next = 2  # Label Studio answers 503 twice: the job retries with backoff
         triggered = annotate_via_webhook(client, ls, project_id, 3)
         assert triggered["training"]["training_status"] == "queued"
-        job = Job.fetch(triggered["training"]["job_id"], connection=redis)
+        job = stored_job(redis, triggered["training"]["job_id"])
         wait_for(lambda: job.get_status(refresh=True).value in ("finished", "failed"), 120, "training",
                  interval=0.5)
         assert job.get_status().value == "finished", train_worker.output()
         summary = job.return_value()
         version = summary["model_version"]
         assert summary["activated"] and summary["prelabel_job"]
-        prelabel = Job.fetch(summary["prelabel_job"], connection=redis)
+        prelabel = stored_job(redis, summary["prelabel_job"])
         wait_for(lambda: prelabel.get_status(refresh=True).value in ("finished", "failed"), 120, "prelabel",
                  interval=0.5)
         assert prelabel.get_status().value == "finished", worker.output()
@@ -259,7 +266,7 @@ def test_sigkill_mid_training_leaves_the_previous_policy_active_and_the_job_fail
     try:
         quick.wait_ready(redis)
         first = start_training(client, project_id)
-        job = Job.fetch(first["job_id"], connection=redis)
+        job = stored_job(redis, first["job_id"])
         wait_for(lambda: job.get_status(refresh=True).value in ("finished", "failed"), 120, "first training",
                  interval=0.5)
         assert job.get_status().value == "finished", quick.output()
@@ -276,7 +283,7 @@ def test_sigkill_mid_training_leaves_the_previous_policy_active_and_the_job_fail
     try:
         slow.wait_ready(redis)
         ticket = start_training(client, project_id)
-        job = Job.fetch(ticket["job_id"], connection=redis)
+        job = stored_job(redis, ticket["job_id"])
         wait_for(lambda: (job.get_meta(refresh=True).get("progress") or {}).get("episode", 0) >= 1, 120,
                  "training to be under way", interval=0.2)
         # Triggers while it runs queue one follow-up, not more.
@@ -295,6 +302,6 @@ def test_sigkill_mid_training_leaves_the_previous_policy_active_and_the_job_fail
     bundles_after = sorted(p.name for p in bundle_path(settings, project_id, "Shape", "x").parent.iterdir())
     assert [b for b in bundles_after if not b.startswith(".staging")] == bundles_before
     # The follow-up run was released (not lost): it is queued for the next training worker.
-    assert Job.fetch(follow["job_id"], connection=redis).get_status(refresh=True).value == "queued"
-    Job.fetch(follow["job_id"], connection=redis).cancel()
+    assert stored_job(redis, follow["job_id"]).get_status(refresh=True).value == "queued"
+    stored_job(redis, follow["job_id"]).cancel()
     assert TRAIN_QUEUE == "train"

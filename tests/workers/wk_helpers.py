@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 from flask import Flask, Response, abort, jsonify, request
 from PIL import Image
+from rq.job import Job
 from werkzeug.serving import make_server
 
 from ml_backend.formats import mask_to_brush_rle
+from ml_backend.job_queue import read_job
 
 REPO = Path(__file__).parents[2]
 TOKEN = "fake-ls-token-0123456789"
@@ -194,6 +196,7 @@ def worker_env(redis_url: str, model_dir: Path, **extra: str) -> dict[str, str]:
         "TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRAIN_EPISODES": "2",
         "TRAIN_STEPS": "2", "TRAIN_EPOCHS": "2", "TRAIN_BRANCH": "implicit", "TRAIN_MIN_LABEL_EXAMPLES": "2",
         "JOB_HEARTBEAT_TTL_S": "3", "LS_API_BACKOFF_S": "0.05", "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
+        "SETUP_ALLOW_PRIVATE_HOSTS": "true",  # the fake Label Studio is on 127.0.0.1 and comes from /setup
     })
     env.update(extra)
     return env
@@ -251,6 +254,13 @@ def running_worker(env: dict[str, str], queues: str, log: Path, redis_url: str) 
     finally:
         proc.stop()
         conn.close()
+
+
+def stored_job(redis: Any, job_id: str) -> Job:
+    """The job ``job_id`` as the product reads it (JSON, :class:`ml_backend.job_queue.ProductJob`); it must exist."""
+    job = read_job(redis, job_id)
+    assert job is not None, f"job {job_id} is not in Redis"
+    return job
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
