@@ -52,3 +52,17 @@ class ImageTooLargeError(ImageFetchError):
 
 class NotAnImageError(ImageFetchError):
     """The downloaded file is not an image PIL can read."""
+
+
+class DisallowedPathError(DisallowedHostError):
+    """The URL is on the Label Studio host but not on a path Label Studio serves images from (the token goes
+    only there)."""
+
+
+class OutsideUploadDirError(ImageFetchError):
+    """A file under LABEL_STUDIO_UPLOAD_DIR resolves (through a symlink or ``..``) to a place outside it."""
+
+
+class SetupRefusedError(BadRequestError):
+    """A /setup that would send the stored Label Studio token to another host, or names a host that is not
+    allowed (not http(s), private or loopback without SETUP_ALLOW_PRIVATE_HOSTS, or not resolvable)."""

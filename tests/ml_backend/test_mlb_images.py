@@ -94,13 +94,15 @@ def test_allowed_extra_host(make_settings: Callable[..., Settings], image_server
     assert "Authorization" not in image_server.requests[-1][1]
 
 
-def test_redirect_to_a_disallowed_host_is_refused(settings: Settings, access: LabelStudioAccess,
+def test_redirect_to_a_disallowed_host_is_refused(make_settings: Callable[..., Settings], access: LabelStudioAccess,
                                                   image_server: ImageServer) -> None:
+    settings = make_settings(allowed_image_hosts=["127.0.0.1"])  # /public/ is not a Label Studio media path
     with pytest.raises(DisallowedHostError, match="forbidden.invalid"):
         ImageFetcher(settings).fetch(f"{image_server.url}/public/redirect-out", access)
 
 
-def test_unreachable_port(settings: Settings, unreachable_url: str) -> None:
+def test_unreachable_port(make_settings: Callable[..., Settings], unreachable_url: str) -> None:
+    settings = make_settings(label_studio_url=unreachable_url)
     access = LabelStudioAccess(url=unreachable_url, token=SECRET_TOKEN)
     with pytest.raises(ImageUnreachableError, match="ConnectionError"):
         ImageFetcher(settings).fetch("/data/upload/1/a.png", access)
@@ -127,14 +129,14 @@ def test_png_bomb_is_refused_before_decoding(settings: Settings, access: LabelSt
 
 def test_file_over_the_byte_limit(make_settings: Callable[..., Settings], access: LabelStudioAccess,
                                   image_server: ImageServer) -> None:
-    settings = make_settings(image_max_bytes=1024 * 1024)
+    settings = make_settings(image_max_bytes=1024 * 1024, allowed_image_hosts=["127.0.0.1"])
     with pytest.raises(ImageTooLargeError, match="IMAGE_MAX_BYTES"):
         ImageFetcher(settings).fetch(f"{image_server.url}/public/huge.bin", access)
 
 
 def test_slow_download_hits_the_deadline(make_settings: Callable[..., Settings], access: LabelStudioAccess,
                                          image_server: ImageServer) -> None:
-    settings = make_settings(image_download_timeout_s=0.5)
+    settings = make_settings(image_download_timeout_s=0.5, allowed_image_hosts=["127.0.0.1"])
     started = time.perf_counter()
     with pytest.raises(ImageUnreachableError):
         ImageFetcher(settings).fetch(f"{image_server.url}/public/slow.png", access)

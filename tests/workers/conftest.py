@@ -82,6 +82,7 @@ def make_settings(model_dir: Path, redis_url: str) -> Callable[..., Settings]:
             "label_studio_api_key": None, "basic_auth_user": None, "basic_auth_pass": None,
             "webhook_secret": None, "allowed_image_hosts": [], "predict_wait_s": 30.0,
             "image_fetch_workers": 2, "job_heartbeat_ttl_s": 3,
+            "setup_allow_private_hosts": True,  # the fake Label Studio is on 127.0.0.1 and comes from /setup
         }
         values.update(overrides)
         return Settings(**values)
