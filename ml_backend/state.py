@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 
-from ml_backend.errors import BadRequestError
+from ml_backend.errors import BadRequestError, SetupRefusedError
 from ml_backend.keys import Keys, untrained_suffix
 from ml_backend.label_config import LabelConfig
 from ml_backend.redis_conn import text, text_map
@@ -73,21 +74,39 @@ class ProjectStore:
         ls_token: str | None,
         extra_params: Mapping[str, Any] | None,
     ) -> None:
-        """Record what /setup sent. The token goes to the separate secret hash and is never read back out."""
+        """Record what /setup sent. The Label Studio URL and token are one pair: the token is for that URL only.
+
+        A new ``ls_url`` with a new ``ls_token`` replaces both; the same (or no) ``ls_url`` without a token keeps
+        the stored token. A new ``ls_url`` without a token, while a URL or token is stored, raises
+        :class:`SetupRefusedError` and changes nothing: else a /setup could send the stored token to its host.
+        The token goes to the separate secret hash and is never read back out of this class but by
+        :meth:`label_studio`.
+        """
+        project_key_name = self.keys.project(pid)
+        secret_key_name = self.keys.secret(pid)
         now = time.time()
         fields: dict[str, Any] = {
             "project_key": project_key,
             "extra_params": json.dumps(extra_params or {}),
             "setup_at": now,
         }
-        if ls_url:  # a /setup without `hostname` keeps the URL an earlier one gave
-            fields["ls_url"] = ls_url
-        pipe = self.redis.pipeline()
-        pipe.sadd(self.keys.projects, pid)
-        pipe.hset(self.keys.project(pid), mapping=fields)
-        if ls_token:
-            pipe.hset(self.keys.secret(pid), mapping={"ls_token": ls_token})
-        pipe.execute()
+
+        def write(pipe: Pipeline) -> None:
+            stored_url = text(pipe.hget(project_key_name, "ls_url")) or None
+            has_token = bool(pipe.hexists(secret_key_name, "ls_token"))
+            if ls_url and ls_url != stored_url and not ls_token and (stored_url or has_token):
+                raise SetupRefusedError(
+                    f"This /setup changes the project's Label Studio URL from {stored_url!r} to {ls_url!r} without "
+                    "an `access_token`; the stored token is only for the stored URL. Send the token of the new "
+                    "Label Studio with it (connect the model again in the project settings), or set LABEL_STUDIO_URL."
+                )
+            pipe.multi()
+            pipe.sadd(self.keys.projects, pid)
+            pipe.hset(project_key_name, mapping={**fields, **({"ls_url": ls_url} if ls_url else {})})
+            if ls_token:
+                pipe.hset(secret_key_name, mapping={"ls_token": ls_token})
+
+        self.redis.transaction(write, project_key_name, secret_key_name)
         self.save_config(pid, label_config_xml, config)
 
     def save_config(self, pid: int, label_config_xml: str, config: LabelConfig) -> None:
