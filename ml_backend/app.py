@@ -45,7 +45,7 @@ from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from ml_backend.errors import AuthError, BadRequestError, MLBackendError
-from ml_backend.images import ImageFetcher
+from ml_backend.images import ImageFetcher, label_studio_access_warning
 from ml_backend.job_queue import QueuePredictor, QueueTrainingTrigger, training_jobs
 from ml_backend.model import (
     ANNOTATION_EVENTS,
@@ -128,17 +128,13 @@ def create_app(
 # Auth
 # ---------------------------------------------------------------------------------------------------------
 def warn_if_open(settings: Settings) -> None:
-    """Log loudly, once per app, what a deployment without credentials exposes (the safe one sets
-    LABEL_STUDIO_URL and basic auth: README "Security")."""
-    if settings.basic_auth_enabled:
-        return
-    logger.warning(
-        "!! BASIC_AUTH_USER/BASIC_AUTH_PASS are unset: /setup, /predict and /webhook are open to anyone who can "
-        "reach port %s.%s Set basic auth (and LABEL_STUDIO_URL) for any deployment beyond this machine.",
-        settings.port,
-        "" if settings.label_studio_url else " Without LABEL_STUDIO_URL, /setup also decides which Label Studio "
-        "host this backend fetches images from.",
-    )
+    """Log loudly what a deployment without credentials exposes (the safe one sets LABEL_STUDIO_URL and basic
+    auth: README "Security"); :func:`~ml_backend.images.label_studio_access_warning` says the Label Studio part."""
+    if not settings.basic_auth_enabled:
+        logger.warning("SECURITY: BASIC_AUTH_USER/BASIC_AUTH_PASS are unset: /setup, /predict and /webhook are open "
+                       "to anyone who can reach port %s. Set basic auth for any deployment beyond this machine.",
+                       settings.port)
+    label_studio_access_warning(settings)
 
 
 def _basic_auth_ok(settings: Settings) -> bool:

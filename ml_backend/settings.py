@@ -67,11 +67,15 @@ class Settings(BaseSettings):
     # --- Image fetching -----------------------------------------------------------------------------------
     allowed_image_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Extra hosts images may be fetched from (comma separated; `*.example.com` allowed).",
+        description="Extra hosts images may be fetched from (comma separated; `*.example.com` allowed, but a "
+        "wildcard match must resolve to public addresses unless the exact host is listed).",
     )
     image_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0, description="Largest image file accepted.")
     image_max_pixels: int = Field(default=100_000_000, gt=0, description="Largest width*height accepted.")
-    image_download_timeout_s: float = Field(default=15.0, gt=0, description="Connect+read timeout per image.")
+    image_download_timeout_s: float = Field(
+        default=15.0, gt=0, description="One wall-clock deadline per image download: connecting, headers, redirects "
+        "and body."
+    )
     image_max_redirects: int = Field(default=3, ge=0, description="Redirects followed per image download.")
     image_fetch_workers: int = Field(default=4, ge=1, description="Parallel image downloads per /predict.")
     image_cache_max_bytes: int = Field(

@@ -26,6 +26,7 @@ from alignsam.loading import load_clip, load_sam, resolve_device, warn_if_plumbi
 from alignsam.predict import AlignSAM
 from alignsam.sam import FrozenSam
 from alignsam.zeroshot import ZeroShot
+from ml_backend.files import private_dir
 from ml_backend.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def load_models(settings: Settings | None = None) -> Models:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     warn_if_plumbing_only(settings.sam_preset, settings.sam_checkpoint)
-    settings.embedding_cache_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.embedding_cache_dir)
     sam = load_sam(
         settings.sam_preset,
         str(settings.sam_checkpoint) if settings.sam_checkpoint else None,
