@@ -26,6 +26,8 @@ the wrong label scores ~0.05 on these scenes: the circles cover ~8 % of an image
 
 from __future__ import annotations
 
+import io
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,16 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from browser import Browser, chromium_program, login_cookies
 from e2e_helpers import Backend, file_token_hits, iou, phase, redis_token_hits, wait_for
 from label_studio_sdk import LabelStudio
+from PIL import Image
 from redis import Redis
 
 from ml_backend.formats import result_to_mask
 from ml_backend.keys import Keys
 from workers.label_studio_demo import (
+    LABEL_COLOURS,
     LABEL_CONFIG,
     LABELS,
     DemoScene,
@@ -74,6 +79,7 @@ class Run:
     annotated: list[int]
     model_version: str
     miou: dict[str, float]
+    prelabels: dict[int, dict[str, Any]]  # unlabelled task id -> its prediction of the trained version
 
 
 RUN = Run()
@@ -175,6 +181,7 @@ def test_5_trained_model_prelabels_the_rest() -> None:
         stored = wait_for("a prediction of the new version on every unlabelled task", prelabelled,
                           PRELABEL_TIMEOUT_S, 3.0, RUN.backend.gone)
     assert not set(stored) & set(RUN.annotated), "the prelabel job predicted a task a person had annotated"
+    RUN.prelabels = {t: stored[t] for t in unlabelled}
     per_label: dict[str, list[float]] = {label: [] for label in LABELS}
     for task_id in unlabelled:
         scene = RUN.scenes[task_id]
@@ -186,6 +193,90 @@ def test_5_trained_model_prelabels_the_rest() -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in RUN.miou.items())
           + f"; floor for {LABELS[0]} {MIOU_FLOOR:.3f} (half of quality.md's {BENCHMARK_MIOU})")
     assert RUN.miou[LABELS[0]] >= MIOU_FLOOR, RUN.miou
+
+
+def test_5_browser_shows_a_prelabel(e2e_dir: Path) -> None:
+    """Headless Chromium, logged in as the test user, opens a pre-labelled task; in the PNG it saves, the label's
+    brush colour covers the predicted mask (drawn over the image), not the rest of the image."""
+    program = chromium_program()
+    if program is None:
+        pytest.skip("no chromium here (Debian: apt-get install chromium; .ci/run installs it): browser check skipped")
+    task_id, prediction = max(RUN.prelabels.items(), key=lambda item: iou(
+        _label_masks(item[1]["result"], RUN.scenes[item[0]].image.shape[:2])[LABELS[0]],
+        RUN.scenes[item[0]].masks[LABELS[0]]))
+    scene = RUN.scenes[task_id]
+    predicted = _label_masks(prediction["result"], scene.image.shape[:2])
+    assert predicted[LABELS[0]].any(), "no pre-labelled task has a predicted circle to look for"
+    out = Path(os.environ.get("ALIGNSAM_E2E_SCREENSHOT") or e2e_dir / "prelabel.png")
+    with phase("browser: headless Chromium opens a pre-labelled task, screenshot checked"):
+        cookies = login_cookies(RUN.server.url, RUN.server.username, RUN.server.password)
+        browser = Browser(program, e2e_dir / "chromium-profile", e2e_dir / "logs" / "chromium.log")
+        try:
+            browser.connect()
+            for name, value in cookies.items():
+                browser.call("Network.setCookie", name=name, value=value, url=RUN.server.url)
+            browser.call("Page.enable")
+            browser.call("Page.navigate", url=f"{RUN.server.url}/projects/{RUN.project}/data?task={task_id}")
+            h, w = scene.image.shape[:2]
+
+            def drawn() -> tuple[bytes, dict[str, float]] | None:
+                rect = browser.evaluate(_IMAGE_RECT_JS % (w, h))
+                if not rect:
+                    return None
+                png = browser.screenshot()
+                agreement = screenshot_agreement(png, rect, predicted)
+                return (png, agreement) if agreement[LABELS[0]] >= SCREENSHOT_IOU_FLOOR else None
+
+            try:
+                png, agreement = wait_for("the predicted region drawn over the image", drawn, 120, 2.0)
+            except AssertionError:
+                out.write_bytes(browser.screenshot())
+                raise
+        finally:
+            browser.close()
+    out.write_bytes(png)
+    print(f"[e2e] screenshot of task {task_id}: {out}; IoU of each label's brush colour in it with the "
+          "prediction: " + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items()))
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert image.std() > 10, "the screenshot is blank"
+
+
+SCREENSHOT_IOU_FLOOR = 0.5
+"""IoU of the pixels showing the label's brush colour (inside the displayed image) with the predicted mask: ~0.9
+when Label Studio draws it (edges blur under scaling), ~0 when it draws nothing or something elsewhere."""
+
+_IMAGE_RECT_JS = """(() => {
+  const imgs = [...document.querySelectorAll('img')].filter(i => i.naturalWidth === %d && i.naturalHeight === %d);
+  const rects = imgs.map(i => i.getBoundingClientRect()).filter(r => r.width > 200);
+  rects.sort((a, b) => b.width - a.width);
+  return rects.length && document.querySelectorAll('canvas').length
+    ? {x: rects[0].x, y: rects[0].y, width: rects[0].width, height: rects[0].height} : null;
+})()"""
+
+
+def _colour_mask(pixels: np.ndarray, colour: str) -> np.ndarray:
+    """Pixels showing ``colour`` (a fully saturated #rrggbb, drawn translucent over the image): its full channels
+    high and its empty channel clearly lower."""
+    rgb = [int(colour[i : i + 2], 16) for i in (1, 3, 5)]
+    full = [c for c, v in enumerate(rgb) if v == 255]
+    empty = [c for c, v in enumerate(rgb) if v == 0]
+    px = pixels.astype(int)
+    mask = np.ones(px.shape[:2], bool)
+    for c in full:
+        mask &= px[..., c] > 140
+        for e in empty:
+            mask &= px[..., c] - px[..., e] > 70
+    return mask
+
+
+def screenshot_agreement(png: bytes, rect: dict[str, float], predicted: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per label: IoU of the screenshot's pixels in that label's brush colour, inside the displayed image (``rect``,
+    CSS pixels = screenshot pixels) scaled to the image's size, with the predicted mask."""
+    shot = Image.open(io.BytesIO(png)).convert("RGB")
+    h, w = next(iter(predicted.values())).shape
+    box = tuple(round(v) for v in (rect["x"], rect["y"], rect["x"] + rect["width"], rect["y"] + rect["height"]))
+    pixels = np.asarray(shot.crop(box).resize((w, h), Image.Resampling.BILINEAR))
+    return {label: iou(_colour_mask(pixels, LABEL_COLOURS[label]), mask) for label, mask in predicted.items()}
 
 
 def test_7_broken_image_in_a_batch() -> None:
