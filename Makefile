@@ -1,11 +1,11 @@
-# Two entry points for people (see README): `make run` and `make test`.
+# Entry points for people (see README): `make run`, `make test`, and `make demo` for a first look.
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ setup: $(VENV)/.installed
 # `.venv/bin/alignsam demo --out run/demo`.
 run: setup
 	$(VENV)/bin/alignsam-run
+
+# The fastest way to see the product: `make run` plus a Label Studio 1.23.2 on 127.0.0.1:8080 (installed into
+# .venv-ls on first use, data in run/label-studio) with a demo project connected to the backend; prints the URL,
+# user and password, until Ctrl-C.
+demo: setup
+	$(VENV)/bin/alignsam-run --with-label-studio
 
 # The whole suite, slow / integration / e2e markers included (that is what CI runs).
 test: setup
@@ -36,4 +42,4 @@ bench: setup
 	$(PY) -m benchmarks.bench_perception
 
 clean:
-	rm -rf $(VENV) run .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-ls run .pytest_cache .ruff_cache
