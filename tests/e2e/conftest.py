@@ -120,7 +120,7 @@ def redis(redis_url: str) -> Iterator[Redis]:
 @pytest.fixture(scope="session")
 def label_studio(e2e_dir: Path, ls_token: str) -> Iterator[LabelStudioServer]:
     """Label Studio 1.23.2 on a free loopback port, up and accepting the legacy token."""
-    with phase("Label Studio: virtual environment (installed on first use)"):
+    with phase("Label Studio: virtual environment (installed on first use, or by the demo test)"):
         try:
             program = ensure_venv(say=lambda line: print(f"[e2e] {line}", flush=True))
         except LabelStudioSetupError as exc:

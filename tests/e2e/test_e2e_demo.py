@@ -29,10 +29,11 @@ def test_make_demo_starts_everything_and_ctrl_c_stops_it(tmp_path: Path) -> None
     launcher = Path(sys.executable).with_name("alignsam-run")
     if not launcher.exists():
         pytest.fail("alignsam-run is not installed in this environment (pip install -e .)")
-    try:
-        ensure_venv()  # installed already by the other e2e test, or now
-    except LabelStudioSetupError as exc:
-        pytest.fail(str(exc))
+    with phase("Label Studio: virtual environment (installed on first use)"):
+        try:
+            ensure_venv(say=lambda line: print(f"[e2e] {line}", flush=True))
+        except LabelStudioSetupError as exc:
+            pytest.fail(str(exc))
     ls_port, port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "REDIS_URL", "TRAIN_"))}
     env.update({"MODEL_DIR": str(tmp_path / "models"), "PORT": str(port), "SAM_PRESET": "small",
