@@ -90,7 +90,8 @@ RUN pip install --no-cache-dir rq-dashboard==0.9.0 six==1.17.0 rq==3.0.0 "redis>
     && useradd --system --uid 10001 rqdash
 USER 10001
 EXPOSE 9181
-ENTRYPOINT ["rq-dashboard"]
+# --json: the product's jobs are JSON (RQ's JSONSerializer); the default would unpickle whatever a job hash holds.
+ENTRYPOINT ["rq-dashboard", "--json"]
 
 # ---- runtime (the default target): slim + the weights, proven loadable by the workers' loading code -------------
 FROM slim AS runtime

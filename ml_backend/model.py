@@ -121,7 +121,8 @@ class AlignSAMModel:
     ) -> str:
         """Store what /setup sent (the token apart, never logged) and return the model version.
 
-        With LABEL_STUDIO_URL set, ``hostname`` is ignored and a token is stored for LABEL_STUDIO_URL. Without it,
+        With LABEL_STUDIO_URL set, ``hostname`` is ignored and a token is stored for LABEL_STUDIO_URL, unless
+        LABEL_STUDIO_API_KEY is set too (that key is used, so /setup's token is not stored at all). Without it,
         ``hostname`` must pass :func:`~ml_backend.images.check_setup_hostname` and pairs with the token (see
         :meth:`ProjectStore.save_setup`). Raises :class:`SetupRefusedError` (400, nothing stored) otherwise:
         the token must only ever go to the host it was given for.
@@ -137,6 +138,8 @@ class AlignSAMModel:
         config = parse_label_config(self.label_config, extra_params)
         settings = self.services.settings
         token = access_token or None
+        if settings.label_studio_url and settings.label_studio_api_key is not None:
+            token = None  # the operator's key is the one used: /setup's copy is not kept anywhere
         if settings.label_studio_url:
             ls_url = settings.label_studio_url if token else None  # /setup's hostname is never used then
         elif hostname and hostname.strip():

@@ -141,6 +141,8 @@ def test_compose_files_pass_compose_config_validation() -> None:
         assert done.returncode == 0, done.stderr
     assert set(rendered()["services"]) == {"label-studio", "redis", "backend", "worker-gpu", "worker-train"}
     assert "dashboard" in rendered(profile="dashboard")["services"]
+    # the dashboard reads the product's JSON jobs as JSON, never with pickle (issue 20, finding 2)
+    assert 'ENTRYPOINT ["rq-dashboard", "--json"]' in (DEPLOY.parent / "Dockerfile").read_text()
 
 
 def test_compose_refuses_to_start_without_its_secrets() -> None:

@@ -46,6 +46,7 @@ from alignsam.bundle import save_bundle
 from alignsam.data import Sample
 from alignsam.ppo import PPOConfig
 from alignsam.train import Progress, TrainConfig, train
+from ml_backend.files import private_dir
 from ml_backend.formats import annotation_to_masks
 from ml_backend.images import ImageFetcher, LabelStudioAccess, image_url_of, load_image
 from ml_backend.job_queue import enqueue_prelabel
@@ -439,6 +440,7 @@ def _write_bundle(settings: Settings, project_id: int, label: str, text: str, po
     files appear complete or not at all, and only then can the version be activated.
     """
     staging = bundle_path(settings, project_id, label, f".staging-{job_id}")
+    private_dir(staging.parent)  # policies are the project's work: MODEL_DIR/policies/... is 0700
     meta = save_bundle(policy, staging, m.sam, text=text, clip_model=m.clip_name,
                        extra={"project": project_id, "label": label, "job_id": job_id})
     final = bundle_path(settings, project_id, label, meta["version"])

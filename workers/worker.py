@@ -48,6 +48,7 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.worker import SimpleWorker, WorkerStatus
 
+from alignsam.errors import AlignSamError
 from ml_backend.job_queue import QUEUES, SERIALIZER, ProductJob, reap_abandoned
 from ml_backend.redis_conn import connect_redis, disown_redis
 from ml_backend.settings import Settings, get_settings
@@ -193,7 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     queues = parse_queues(args.queues)
-    set_models(load_models(settings))  # once, before the first job: every job reuses them
+    try:
+        set_models(load_models(settings))  # once, before the first job: every job reuses them
+    except AlignSamError as exc:  # a checkpoint that does not fit its preset, missing weights: say what to fix
+        print(f"alignsam-worker: {exc}", file=sys.stderr)
+        return 2
     worker = build_worker(queues, settings, args.name)
     reap_abandoned(worker.connection, queues)  # jobs of workers that died before we started
     logger.info("alignsam-worker %s serving %s", worker.name, ",".join(queues))

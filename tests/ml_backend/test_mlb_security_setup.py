@@ -103,6 +103,19 @@ def test_env_api_key_never_reaches_a_setup_host(
     assert all("Authorization" not in headers for _, headers in second_server.requests)
 
 
+def test_with_the_operators_key_setups_token_is_not_stored(
+    make_app: Callable[..., Flask], make_settings: Callable[..., Settings], image_server: ImageServer
+) -> None:
+    """Issue 18 acceptance, finding 1's rule: with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY set, the key is the
+    one used, so /setup's token is kept nowhere (not even in the project's secret hash)."""
+    app = make_app(make_settings(label_studio_api_key="operator-key-42"))
+    assert setup(app.test_client(), "http://localhost:8080", SECRET_TOKEN).status_code == 200
+    store = services_of(app).store
+    assert stored(app) == (None, None)
+    assert not store.redis.exists(store.keys.secret(1))
+    assert AlignSAMModel(services_of(app), 1).access() == LabelStudioAccess(image_server.url, "operator-key-42")
+
+
 def test_label_studio_url_is_the_only_host(
     make_app: Callable[..., Flask], make_settings: Callable[..., Settings], image_server: ImageServer
 ) -> None:
