@@ -13,6 +13,8 @@ Routes (bodies as Label Studio 1.23 sends them, see ``tests/ml_backend/fixtures`
 ``GET /versions``   ``{"versions": [...], "model_dir": ...}``
 ``GET /metrics``    counters (JSON)
 ``GET /status/<id>`` a project's state, without its token
+``GET /ui``         the status page (HTML, :mod:`ml_backend.status_page`): projects, labels, jobs, queues, workers
+``GET /metrics/prometheus``  Prometheus text format (:mod:`ml_backend.prometheus`): requests, queues, workers
 ==================  ======================================================================================
 
 Auth:
@@ -44,6 +46,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from ml_backend import prometheus, status_page
 from ml_backend.errors import AuthError, BadRequestError, MLBackendError
 from ml_backend.images import ImageFetcher, label_studio_access_warning
 from ml_backend.job_queue import QueuePredictor, QueueTrainingTrigger, training_jobs
@@ -118,6 +121,7 @@ def create_app(
         atexit.register(close)
 
     warn_if_open(settings)
+    prometheus.install(app, conn)  # before the auth hook: refused requests are counted too
     _register_auth(app, settings)
     _register_errors(app)
     _register_routes(app, services)
@@ -341,6 +345,14 @@ def _register_routes(app: Flask, services: BackendServices) -> None:
     @app.get("/metrics")
     def metrics() -> Response:
         return jsonify(model_class=MODEL_CLASS, projects=len(store.project_ids()), counters=store.metrics())
+
+    status_lookup = status_page.lookup_connection(store.redis)
+
+    @app.get("/ui")
+    def status_ui() -> Response:
+        # Not at "/": that stays the open liveness alias of /health, which probes and tests rely on.
+        html = status_page.page(store, settings, status_lookup)
+        return Response(html, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
 
     @app.get("/status/<int:project_id>")
     def status(project_id: int) -> tuple[Response, int] | Response:
