@@ -19,7 +19,8 @@ Clients (:class:`LabelStudioClient` threads) send what Label Studio 1.23.2 sends
 answered ``<version>-pending`` is asked for again, an answer of the current version is final. :class:`TaskBook`
 counts answered / pending / lost; :meth:`Load.sweep` re-requests every task not answered yet at the end.
 
-Only loopback targets; every loop here is bounded in time and count.
+Only loopback targets; every loop here is bounded in time and count. The temporary folder (logs, Redis's append-only
+file, MODEL_DIR) is deleted at the end unless ``ALIGNSAM_BENCH_KEEP=1``.
 """
 
 from __future__ import annotations
@@ -324,6 +325,10 @@ class Stack:
         with contextlib.suppress(Exception):
             self.conn.close()
         self.redis.stop()
+        if os.environ.get("ALIGNSAM_BENCH_KEEP"):  # logs, Redis's append-only file, MODEL_DIR: for a post-mortem
+            print(f"kept {self.root}", flush=True)
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Stack:
         try:
