@@ -330,13 +330,19 @@ class QueuePredictor:
         ready = [self.keys.prediction_ready(keys[i]) for i in missing]
         self._wait(jobs, ready, time.monotonic() + self.settings.predict_wait_s)
         self._fill_from_cache(keys, answers)
-        failures: dict[str, str | None] = {}  # job id -> why it failed, None while it has not
+        if any(answers[i] is None for i in missing):
+            # a job whose worker died while it ran is failed now, not after the next worker's maintenance
+            reap_abandoned(self.redis, [PREDICT_QUEUE])
+        failures: dict[str, str | None] = {}  # job id -> why it failed, None while it has not (or may run again)
         late = 0
         for i, job in zip(missing, jobs, strict=True):
             if answers[i] is not None:
                 continue
             if job.id not in failures:
-                failures[job.id] = last_line(job) if job_status(job) == JobStatus.FAILED.value else None
+                reason = last_line(job) if job_status(job) == JobStatus.FAILED.value else None
+                # A worker that died (abandoned job) says nothing about the task: answer it as pending, so Label
+                # Studio asks again and the next request computes it anew, instead of a final empty answer.
+                failures[job.id] = None if reason is not None and "AbandonedJobError" in reason else reason
             if failures[job.id] is not None:
                 logger.warning("project %s task %s: predict job %s failed: %s", request.project_id,
                                request.tasks[i].get("id"), job.id, failures[job.id])
@@ -373,7 +379,8 @@ class QueuePredictor:
         known = [text(v) for v in self.redis.mget(markers)]
         ids = sorted({i for i in known if i})
         alive = {job.id: job for job in fetch_jobs(self.redis, ids)
-                 if job is not None and job_status(job, refresh=False) in ALIVE_STATUSES}
+                 if job is not None and job_status(job, refresh=False) in ALIVE_STATUSES
+                 and not self.orphaned(job)}
         jobs: list[Job | None] = [alive.get(i) if i else None for i in known]
         todo = [n for n, job in enumerate(jobs) if job is None]
         if todo:
@@ -381,6 +388,13 @@ class QueuePredictor:
             for n, job in zip(todo, new, strict=True):
                 jobs[n] = job
         return [job for job in jobs if job is not None]
+
+    def orphaned(self, job: Job) -> bool:
+        """Whether ``job`` says ``queued`` but is in no queue: a worker serving several queues takes a job off with
+        a plain pop, and one that died before marking it started leaves it so, never run and never failed (RQ's
+        cleanup only fails started jobs). Its tasks are then enqueued again; a live worker caught in that instant
+        costs one duplicate computation, never a wrong answer."""
+        return job_status(job, refresh=False) == JobStatus.QUEUED.value and self.queue.get_job_position(job.id) is None
 
     def idle_workers(self) -> int:
         """Workers on the ``predict`` queue not running a job now (at least 1)."""

