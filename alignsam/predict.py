@@ -35,6 +35,8 @@ class Prediction:
       score: SAM's predicted IoU of the mask times the SRM's presence probability, in [0, 1].
       present: the SRM's probability that the target is in the image.
       points: the prompt points in order, ``(x, y, label)`` in image pixels, label 1 = positive.
+      low_res: ``[4h, 4w]`` float32, SAM's logits of the mask in its padded input frame (what
+        :mod:`alignsam.interactive` feeds back as ``mask_input``); None when the SRM found no target.
     """
 
     mask: np.ndarray
@@ -42,6 +44,7 @@ class Prediction:
     score: float
     present: float
     points: list[tuple[float, float, int]] = field(default_factory=list)
+    low_res: np.ndarray | None = None
 
 
 class AlignSAM:
@@ -114,5 +117,8 @@ class AlignSAM:
                     for (x, y), lab in zip(res.points[i].tolist(), res.labels[i].tolist(), strict=True)
                     if lab >= 0
                 ]
-                out.append(Prediction(probs > 0.5, probs, float(res.score[i]), float(res.present[i]), pts))
+                low = None
+                if res.low_res is not None and float(res.present[i]) >= 0.5:
+                    low = res.low_res[i, 0].float().cpu().numpy()
+                out.append(Prediction(probs > 0.5, probs, float(res.score[i]), float(res.present[i]), pts, low))
         return out

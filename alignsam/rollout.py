@@ -109,6 +109,7 @@ class RolloutResult:
     present: torch.Tensor  # [B] SRM's probability that the target is in the image (1 without SRM init)
     score: torch.Tensor  # [B] SAM's predicted IoU of the final mask times ``present``
     foreground_rate: torch.Tensor | None  # [B] FR when the ground truth is known
+    low_res: torch.Tensor | None = None  # [B, 1, 4h, 4w] SAM's final mask logits (its padded input frame)
 
 
 def srm_initial_points(
@@ -198,4 +199,5 @@ def rollout(
     absent = present < 0.5
     probs_list = [torch.zeros_like(p) if a else p for p, a in zip(probs_list, absent.tolist(), strict=True)]
     score = env.iou_predictions.clamp(0, 1) * present
-    return RolloutResult(probs_list, env.points.clone(), env.labels.clone(), present, score, fr)
+    return RolloutResult(probs_list, env.points.clone(), env.labels.clone(), present, score, fr,
+                         None if env.low_res is None else env.low_res.clone())

@@ -517,6 +517,7 @@ class FrozenSam:
         multimask: bool = False,
         return_probs: bool = True,
         out_size: Size | None = None,
+        boxes: torch.Tensor | None = None,
     ) -> DecodeOutput:
         """Prompt encoder + mask decoder for B different images, each with its own prompt set.
 
@@ -529,6 +530,8 @@ class FrozenSam:
           multimask: return SAM's 3 ambiguity masks instead of 1 (probs use the best-scored one).
           return_probs: also compute full-resolution probabilities.
           out_size: resize every probability map to this ``(H, W)`` instead of its image's size.
+          boxes: optional ``[B, 4]`` (x0, y0, x1, y1) boxes in original-image pixels, one per prompt set (SAM's
+            box prompt); ``points`` may then have ``N = 0``.
         """
         if not isinstance(embeddings, torch.Tensor):
             embs = list(embeddings)
@@ -541,10 +544,15 @@ class FrozenSam:
         if points.shape[0] != b or labels.shape[0] != b or len(sizes) != b:
             raise ValueError(f"batch mismatch: {b} embeddings, {points.shape[0]} point sets, {len(sizes)} sizes")
         dev = self.device
+        if boxes is not None and boxes.shape != (b, 4):
+            raise ValueError(f"boxes must be [{b}, 4] (x0, y0, x1, y1), got {list(boxes.shape)}")
         coords = self.transform_points(points.to(dev), sizes)
+        box_coords = None
+        if boxes is not None:
+            box_coords = self.transform_points(boxes.to(dev).float().reshape(b, 2, 2), sizes).reshape(b, 4)
         sparse, dense = self.model.prompt_encoder(
-            points=(coords, labels.to(dev)),
-            boxes=None,
+            points=(coords, labels.to(dev)) if points.shape[1] > 0 else None,
+            boxes=box_coords,
             masks=mask_input.to(dev) if mask_input is not None else None,
         )
         logits, iou = predict_masks_batched(self.model.mask_decoder, embeddings.to(dev), self._dense_pe, sparse, dense)

@@ -65,5 +65,6 @@ class ZeroShot:
         for i, points in enumerate(all_points):
             probs = out.probs[i].float().cpu().numpy()
             score = float(out.iou_predictions[i, 0].clamp(0, 1))
-            preds.append(Prediction(probs > 0.5, probs, score, 1.0, points))
+            low = out.low_res_logits[i, 0].float().cpu().numpy()
+            preds.append(Prediction(probs > 0.5, probs, score, 1.0, points, low))
         return preds
