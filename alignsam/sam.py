@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -339,6 +340,7 @@ class FrozenSam:
         self.cache_size = cache_size
         self.cache_dir = Path(cache_dir) / model_id if cache_dir else None
         self._cache: OrderedDict[str, ImageEmbedding] = OrderedDict()
+        self._cache_lock = threading.Lock()  # a worker answers clicks from a second thread (workers.interactive)
         self.stats = _Stats()
         self._dense_pe = self.model.prompt_encoder.get_dense_pe()  # [1, C, h, w], constant
 
@@ -399,16 +401,19 @@ class FrozenSam:
         return self.cache_dir / f"{key[:2]}/{key}.pt" if self.cache_dir else None
 
     def _remember(self, emb: ImageEmbedding) -> None:
-        self._cache[emb.key] = emb
-        self._cache.move_to_end(emb.key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._cache_lock:
+            self._cache[emb.key] = emb
+            self._cache.move_to_end(emb.key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
 
     def _lookup(self, key: str) -> ImageEmbedding | None:
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            self.stats.memory_hits += 1
-            return self._cache[key]
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.stats.memory_hits += 1
+                return hit
         path = self._disk_path(key)
         if path is not None and path.is_file():
             try:

@@ -49,6 +49,7 @@ from werkzeug.exceptions import HTTPException
 from ml_backend import prometheus, status_page
 from ml_backend.errors import AuthError, BadRequestError, MLBackendError
 from ml_backend.images import ImageFetcher, label_studio_access_warning
+from ml_backend.interactive import InteractiveClient
 from ml_backend.job_queue import QueuePredictor, QueueTrainingTrigger, training_jobs
 from ml_backend.model import (
     ANNOTATION_EVENTS,
@@ -58,7 +59,13 @@ from ml_backend.model import (
     AlignSAMModel,
     BackendServices,
 )
-from ml_backend.ports import Predictor, TrainingTrigger, record_training_request, untrained_predictor
+from ml_backend.ports import (
+    InteractivePredictor,
+    Predictor,
+    TrainingTrigger,
+    record_training_request,
+    untrained_predictor,
+)
 from ml_backend.redis_conn import close_redis, connect_redis
 from ml_backend.settings import Settings, get_settings
 from ml_backend.state import ProjectStore, project_id_from
@@ -80,6 +87,7 @@ def create_app(
     predictor: Predictor | None = None,
     training_trigger: TrainingTrigger | None = None,
     queue: bool = False,
+    interactive: InteractivePredictor | None = None,
 ) -> Flask:
     """Build the ML-backend app.
 
@@ -87,7 +95,7 @@ def create_app(
     the app then owns and shuts down at interpreter exit (``app.extensions["alignsam_close"]()`` does it
     earlier). ``predictor`` and ``training_trigger`` are the ports described in :mod:`ml_backend.ports`; with
     ``queue=True`` (what ``ml_backend.wsgi`` passes when USE_QUEUE is on) the ones left unset go through RQ
-    (:mod:`ml_backend.job_queue`), and the untrained model version is ``<prefix>-zeroshot`` when ZERO_SHOT is on.
+    (:mod:`ml_backend.job_queue`; clicks: :mod:`ml_backend.interactive`), and the untrained model version is ``<prefix>-zeroshot`` when ZERO_SHOT is on.
     """
     settings = settings or get_settings()
     owns_redis = redis is None
@@ -96,12 +104,14 @@ def create_app(
     if queue:
         predictor = predictor or QueuePredictor(conn, settings)
         training_trigger = training_trigger or QueueTrainingTrigger(conn, settings)
+        interactive = interactive or InteractiveClient(conn, settings.redis_key_prefix, settings.interactive_wait_s).ask
     services = BackendServices(
         settings=settings,
         store=store,
         fetcher=ImageFetcher(settings),
         predictor=predictor or untrained_predictor,
         training_trigger=training_trigger or record_training_request,
+        interactive=interactive,
     )
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # werkzeug answers 413 above it

@@ -12,6 +12,13 @@ Text prompt of a target, first match wins:
    as documentation), e.g. ``<Label value="Shadow" hint="dark shadow on the ground"/>``;
 3. the label value itself (``Shadow``).
 
+Smart tools for interactive correction sit next to the mask control, with the same label values (as Label Studio's
+SAM examples use them): ``<KeyPointLabels name="kp" toName="image" smart="true">`` and/or ``<RectangleLabels
+name="box" toName="image" smart="true">``. They are recorded as :class:`SmartControl` s; a click or box made with
+them reaches ``/predict`` in ``params.context`` (:mod:`ml_backend.interactive`) and is answered with the clicked
+label's mask on the mask control. A config with a smart tool and no mask control is refused like any config without
+a mask control.
+
 A ``<Label value="Glass" alias="G">`` appears in results as its alias (``G``), as Label Studio stores it; its
 prompt defaults to the value (``Glass``), and results naming either are accepted when annotations are read.
 """
@@ -30,6 +37,20 @@ from ml_backend.errors import LabelConfigError
 
 MaskControlType = Literal["BrushLabels", "PolygonLabels"]
 MASK_CONTROL_TYPES: tuple[MaskControlType, ...] = ("BrushLabels", "PolygonLabels")
+SMART_CONTROL_TYPES = ("KeyPointLabels", "RectangleLabels")
+
+
+@dataclass(frozen=True)
+class SmartControl:
+    """A smart ``<KeyPointLabels>`` / ``<RectangleLabels>`` control on the mask control's image.
+
+    ``labels`` are its label names (aliases when given) that are also targets of the mask control: a click with
+    any other label is not answered.
+    """
+
+    name: str
+    tag: str
+    labels: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -58,6 +79,7 @@ class LabelConfig:
     image_key: str
     targets: tuple[Target, ...]
     config_hash: str = field(default="")
+    smart_controls: tuple[SmartControl, ...] = ()
 
     @property
     def result_type(self) -> str:
@@ -84,6 +106,10 @@ class LabelConfig:
     def from_json(cls, data: Mapping[str, Any]) -> LabelConfig:
         """Inverse of :meth:`to_json`."""
         targets = tuple(Target(**t) for t in data["targets"])
+        smart = tuple(
+            SmartControl(name=c["name"], tag=c["tag"], labels=tuple(c["labels"]))
+            for c in data.get("smart_controls") or ()
+        )
         return cls(
             control_name=data["control_name"],
             control_type=data["control_type"],
@@ -91,7 +117,12 @@ class LabelConfig:
             image_key=data["image_key"],
             targets=targets,
             config_hash=data.get("config_hash", ""),
+            smart_controls=smart,
         )
+
+    def smart_control(self, name: str) -> SmartControl | None:
+        """The smart control called ``name`` (a context result's ``from_name``), if any."""
+        return next((c for c in self.smart_controls if c.name == name), None)
 
 
 def config_hash(xml: str, extra_params: Mapping[str, Any] | None = None) -> str:
@@ -171,6 +202,7 @@ def parse_label_config(xml: str, extra_params: Mapping[str, Any] | None = None) 
             image_key=value[1:],
             targets=targets,
             config_hash=config_hash(xml, extra_params),
+            smart_controls=_smart_controls(interface, image.name, targets),
         )
     names = ", ".join(f"<{c.tag} name={c.name!r} toName={c.to_name!r}>" for c in controls)
     raise LabelConfigError(
@@ -190,3 +222,19 @@ def _targets(control: Any, overrides: Mapping[str, str]) -> tuple[Target, ...]:
         prompt = overrides.get(label) or overrides.get(value) or hint or value
         targets.append(Target(label=label, prompt=prompt, value=value))
     return tuple(targets)
+
+
+def _smart_controls(interface: Any, image_name: str, targets: tuple[Target, ...]) -> tuple[SmartControl, ...]:
+    """Every ``smart="true"`` KeyPointLabels / RectangleLabels control on ``image_name``, with the labels it shares
+    with the mask control's targets (by name or value)."""
+    names = {t.label for t in targets} | {t.value for t in targets if t.value}
+    out: list[SmartControl] = []
+    for control in interface.controls:
+        if control.tag not in SMART_CONTROL_TYPES or image_name not in (control.to_name or []):
+            continue
+        attrs: Mapping[str, Any] = getattr(control, "attr", None) or {}
+        if "true" not in (str(attrs.get("smart", "")).lower(), str(attrs.get("smartOnly", "")).lower()):
+            continue
+        out.append(SmartControl(name=control.name, tag=control.tag,
+                                labels=tuple(label for label in control.labels or [] if label in names)))
+    return tuple(out)

@@ -24,8 +24,10 @@ from ml_backend.images import (
     check_setup_hostname,
     image_url_of,
 )
+from ml_backend.interactive import InteractiveContextError, is_interactive, parse_context, prompts_json
 from ml_backend.label_config import LabelConfig, config_hash, parse_label_config
 from ml_backend.ports import (
+    InteractivePredictor,
     PredictionRequest,
     Predictor,
     PredictorUnavailableError,
@@ -65,6 +67,7 @@ class BackendServices:
     fetcher: ImageFetcher
     predictor: Predictor = field(default=untrained_predictor)
     training_trigger: TrainingTrigger = field(default=record_training_request)
+    interactive: InteractivePredictor | None = None
 
 
 class AlignSAMModel:
@@ -173,10 +176,16 @@ class AlignSAMModel:
     def predict(
         self, tasks: Sequence[Any], context: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> list[dict[str, Any]]:
-        """One prediction per task, in task order. A task whose image cannot be used gets an empty one."""
+        """One prediction per task, in task order. A task whose image cannot be used gets an empty one.
+
+        With a ``context`` (Label Studio's ``params.context``: an annotator's smart-tool clicks), the answer is the
+        clicked labels' masks for the one task (:meth:`predict_interactive`).
+        """
         config = self.parsed_config()
         version = self.model_version()
         self.store.note_version(version)
+        if is_interactive(context):
+            return self.predict_interactive(tasks, context, config, version)
         images: list[FetchedImage | None] = self._fetch_images(tasks, config)
         good = [i for i, image in enumerate(images) if image is not None]
         predictions: list[dict[str, Any]] = [empty_prediction(version) for _ in tasks]
@@ -216,6 +225,64 @@ class AlignSAMModel:
             prediction.setdefault("score", 0)
             prediction.setdefault("model_version", version)
             predictions[i] = prediction
+        return predictions
+
+    def predict_interactive(
+        self, tasks: Sequence[Any], context: Any, config: LabelConfig, version: str
+    ) -> list[dict[str, Any]]:
+        """The answer to an annotator's clicks: for the request's one task, each clicked label's mask from SAM
+        with the clicks (starting from the label's policy when it has one, see :mod:`workers.interactive`).
+
+        Never raises for what the request holds: a malformed context, a click outside the image, an unknown label,
+        more than one task, an unusable image or no worker in time each get a log line naming the reason and an
+        empty result (Label Studio's editor shows nothing new; the annotator can click again).
+        """
+        predictions: list[dict[str, Any]] = [empty_prediction(version) for _ in tasks]
+        self.store.incr("interactive_requests")
+        task_id = tasks[0].get("id") if tasks and isinstance(tasks[0], Mapping) else None
+        try:
+            if len(tasks) != 1:
+                raise InteractiveContextError(f"an interactive request has exactly one task, this one has {len(tasks)}")
+            parsed = parse_context(context, config)
+        except InteractiveContextError as exc:
+            self.store.incr("interactive_failures")
+            logger.warning("project %s task %s: interactive request answered empty: %s", self.project_id,
+                           ascii(task_id)[:40], exc)
+            return predictions
+        for reason in parsed.dropped:
+            logger.warning("project %s task %s: interactive request: ignored %s", self.project_id,
+                           ascii(task_id)[:40], reason)
+        if self.services.interactive is None:
+            self.store.incr("interactive_failures")
+            logger.warning("project %s: interactive request answered empty: clicks need the workers (USE_QUEUE=true)",
+                           self.project_id)
+            return predictions
+        image = self._fetch_images(tasks, config)[0]
+        if image is None:
+            self.store.incr("interactive_failures")
+            return predictions
+        task = tasks[0]
+        payload = {
+            "project": self.project_id,
+            "config": config.to_json(),
+            "model_version": version,
+            "policy_versions": dict(self.store.policy_versions(self.project_id)),
+            "task": {"id": task.get("id"), "data": task.get("data")},
+            "image": image.to_json(),
+            "prompts": prompts_json(parsed.prompts),
+        }
+        try:
+            answer = self.services.interactive(payload)
+        except MLBackendError as exc:
+            self.store.incr("interactive_failures")
+            logger.warning("project %s task %s: interactive request answered empty: %s", self.project_id,
+                           ascii(task_id)[:40], exc)
+            return predictions
+        prediction = dict(answer.get("prediction") or {})
+        prediction.setdefault("result", [])
+        prediction.setdefault("score", 0)
+        prediction.setdefault("model_version", version)
+        predictions[0] = prediction
         return predictions
 
     def _fetch_images(self, tasks: Sequence[Any], config: LabelConfig) -> list[FetchedImage | None]:

@@ -14,6 +14,11 @@ the RQ implementations are in :mod:`ml_backend.job_queue`; the protocol code kno
   status), which is recorded in the project's training state. It must return quickly (START_TRAINING and
   annotation webhooks are answered within Label Studio's 1 s webhook timeout).
 
+- :class:`InteractivePredictor` receives an interactive request (one task, its fetched image, the annotator's
+  prompts per label as :class:`~ml_backend.interactive.LabelPrompt` JSON) and returns ``{"prediction": {...},
+  "timings": {...}}``; the queue's is :class:`~ml_backend.interactive.InteractiveClient`. ``None`` (no queue): clicks
+  get an empty answer and a log line.
+
 Without the queue (``USE_QUEUE=false``): :func:`untrained_predictor` (empty predictions, ``<prefix>-untrained``) and
 :func:`record_training_request` (records the request; nothing runs).
 """
@@ -87,6 +92,12 @@ class TrainingTicket:
 
     job_id: str
     status: str
+
+
+class InteractivePredictor(Protocol):
+    """``interactive(payload) -> {"prediction": {...}, "timings": {...}}``; raises MLBackendError when it cannot."""
+
+    def __call__(self, payload: Mapping[str, Any]) -> Mapping[str, Any]: ...
 
 
 class TrainingTrigger(Protocol):

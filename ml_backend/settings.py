@@ -15,6 +15,10 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+INTERACTIVE_STRATEGIES = ("auto", "clicks", "policy", "policy-drop-near", "policy-positive", "mask-input",
+                          "positive-mask-input")
+"""``INTERACTIVE_STRATEGY``'s values: ``auto`` and :data:`alignsam.interactive.STRATEGIES` (a test pins the two)."""
+
 
 class Settings(BaseSettings):
     """Configuration of ``ml_backend`` (no model is loaded in this process)."""
@@ -119,6 +123,20 @@ class Settings(BaseSettings):
         "prediction (model_version <version>-pending), stay queued, and are answered from the cache next time. "
         "Keep PREDICT_FETCH_BUDGET_S + PREDICT_WAIT_S well under Label Studio's 100 s.",
     )
+    interactive_wait_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        description="How long an annotator's click (an interactive /predict) waits for a worker's mask; after it "
+        "the click is answered with an empty result and a log line.",
+    )
+    interactive_strategy: str = Field(
+        default="auto",
+        description="How a click on a label with a policy combines with the policy's pre-label: auto (what the "
+        "label's training chose on its validation tasks, else the benchmark's best, benchmarks/results/noc.md), "
+        "or one of clicks, policy, policy-drop-near, policy-positive, mask-input, positive-mask-input. Labels without "
+        "a policy always use clicks (SAM on the annotator's prompts).",
+    )
     predict_max_tasks: int = Field(
         default=1000,
         ge=1,
@@ -203,6 +221,14 @@ class Settings(BaseSettings):
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return value
+
+    @field_validator("interactive_strategy")
+    @classmethod
+    def _check_strategy(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in INTERACTIVE_STRATEGIES:
+            raise ValueError(f"INTERACTIVE_STRATEGY must be one of {', '.join(INTERACTIVE_STRATEGIES)}, got {value!r}")
         return value
 
     @field_validator("label_studio_url")

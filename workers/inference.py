@@ -16,6 +16,7 @@ from alignsam.zeroshot import ZeroShot
 from ml_backend.formats import masks_to_results, task_prediction
 from ml_backend.label_config import LabelConfig
 from ml_backend.settings import Settings
+from workers.interactive import save_starts
 from workers.models import Models
 
 
@@ -50,7 +51,10 @@ def predict_labels_many(
         else:
             continue
         source = "policy" if version else "zeroshot"
-        for one, pred in zip(out, model.predict(list(images), text=target.prompt), strict=True):
+        preds = model.predict(list(images), text=target.prompt)
+        if version:  # where an annotator's click on this label starts from (workers.interactive)
+            save_starts(models.settings, project_id, target.label, version, images, preds)
+        for one, pred in zip(out, preds, strict=True):
             one[target.label] = LabelMask(pred.mask, pred.score, pred.points, source)
     return out
 

@@ -49,10 +49,11 @@ from rq.job import Job
 from rq.worker import SimpleWorker, WorkerStatus
 
 from alignsam.errors import AlignSamError
-from ml_backend.job_queue import QUEUES, SERIALIZER, ProductJob, reap_abandoned
+from ml_backend.job_queue import PREDICT_QUEUE, QUEUES, SERIALIZER, ProductJob, reap_abandoned
 from ml_backend.redis_conn import connect_redis, disown_redis
 from ml_backend.settings import Settings, get_settings
-from workers.models import load_models, set_models
+from workers.interactive import start_serving
+from workers.models import load_models, models, set_models
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     worker = build_worker(queues, settings, args.name)
     reap_abandoned(worker.connection, queues)  # jobs of workers that died before we started
+    if PREDICT_QUEUE in queues:  # annotators' clicks, answered beside the jobs (workers.interactive)
+        start_serving(worker.connection, models())
     logger.info("alignsam-worker %s serving %s", worker.name, ",".join(queues))
     try:
         worker.work(burst=args.burst, logging_level=settings.log_level.upper())
