@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from alignsam.bundle import load_bundle, save_bundle
-from alignsam.effort import choose_strategy, simulate, summarize
+from alignsam.effort import choose_strategy, noc, reached, simulate, summarize
 from alignsam.interactive import STRATEGIES, Start
 from alignsam.loading import load_clip, load_sam, resolve_device
 from alignsam.policy import TrainConfig
@@ -83,6 +83,9 @@ def _scores(curves: np.ndarray, max_clicks: int) -> dict[str, Any]:
     s["miou_at_0"] = float(curves[:, 0].mean())
     s["miou_at_1"] = float(curves[:, min(1, max_clicks)].mean())
     s["mean_curve"] = [round(float(v), 4) for v in curves.mean(axis=0)]
+    for t in THRESHOLDS:  # per image, so the analysis can pair starts image by image
+        s[f"per_image_noc@{round(t * 100)}"] = noc(curves, t, max_clicks).tolist()
+        s[f"per_image_failed@{round(t * 100)}"] = [int(v) for v in ~reached(curves, t)]
     return s
 
 
@@ -141,6 +144,16 @@ def run_task(sam: Any, clip: Any, task: str, cfg: TrainConfig, args: argparse.Na
         goal[f"{which}_noc@90"] = a_scores[s]["noc@90"]
         goal[f"{which}_ratio"] = ratio
         goal[f"{which}_met"] = bool(ratio <= GOAL_RATIO)
+    # images that no start and no strategy brings over 0.90 within the budget: they cost every start max_clicks,
+    # a floor under NoC@90 that no pre-label removes
+    fails = np.array([s["per_image_failed@90"] for by in out["test"].values() for s in by.values()], dtype=bool)
+    never = fails.all(axis=0)
+    alone_img = np.array(out["test"]["SAM alone"]["clicks"]["per_image_noc@90"])
+    alone_reached = 1.0 - out["test"]["SAM alone"]["clicks"]["failed@90"]
+    goal["unreachable@90_share"] = float(never.mean())
+    goal["noc@90_floor"] = float(never.mean() * args.max_clicks)
+    goal["sam_alone_noc@90_without_unreachable"] = float(alone_img[~never].mean()) if (~never).any() else 0.0
+    goal["sam_alone_reached@90_share"] = alone_reached
     out["zero_shot_best"] = _rank(out["test"]["zero-shot"]) if out["test"].get("zero-shot") else None
     out["goal"] = goal
     return out
