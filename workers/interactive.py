@@ -204,6 +204,11 @@ def serve_one(conn: Redis, m: Models, raw: bytes | str) -> None:
         return
     try:
         body: dict[str, Any] = answer(m, payload)
+        t = body["timings"]
+        logger.info("project %s task %s: click answered in %.1f ms (SAM decode %.1f ms): %s", payload.get("project"),
+                    ascii((payload.get("task") or {}).get("id"))[:40], t["total_ms"], t["decode_ms"],
+                    ", ".join(f"{label} {v['strategy']} (start {v['start']}, {v['clicks']} clicks"
+                              f"{', box' if v['box'] else ''})" for label, v in body["labels"].items()))
     except Exception as exc:
         logger.warning("interactive request for project %s task %s failed: %s: %s", payload.get("project"),
                        ascii((payload.get("task") or {}).get("id"))[:40], type(exc).__name__, exc)
