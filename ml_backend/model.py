@@ -24,7 +24,13 @@ from ml_backend.images import (
     check_setup_hostname,
     image_url_of,
 )
-from ml_backend.interactive import InteractiveContextError, is_interactive, parse_context, prompts_json
+from ml_backend.interactive import (
+    InteractiveContextError,
+    RecentImages,
+    is_interactive,
+    parse_context,
+    prompts_json,
+)
 from ml_backend.label_config import LabelConfig, config_hash, parse_label_config
 from ml_backend.ports import (
     InteractivePredictor,
@@ -68,6 +74,7 @@ class BackendServices:
     predictor: Predictor = field(default=untrained_predictor)
     training_trigger: TrainingTrigger = field(default=record_training_request)
     interactive: InteractivePredictor | None = None
+    recent_images: RecentImages = field(default_factory=RecentImages)
 
 
 class AlignSAMModel:
@@ -257,11 +264,16 @@ class AlignSAMModel:
             logger.warning("project %s: interactive request answered empty: clicks need the workers (USE_QUEUE=true)",
                            self.project_id)
             return predictions
-        image = self._fetch_images(tasks, config)[0]
-        if image is None:
-            self.store.incr("interactive_failures")
-            return predictions
         task = tasks[0]
+        source = task.get("data", {}).get(config.image_key) if isinstance(task.get("data"), Mapping) else None
+        recent = self.services.recent_images
+        image = recent.get(self.project_id, source.strip()) if isinstance(source, str) else None
+        if image is None:
+            image = self._fetch_images(tasks, config)[0]
+            if image is None:
+                self.store.incr("interactive_failures")
+                return predictions
+            recent.put(self.project_id, image, source.strip() if isinstance(source, str) else image.source)
         payload = {
             "project": self.project_id,
             "config": config.to_json(),

@@ -148,16 +148,24 @@ def test_predict_without_setup_uses_settings_token(
 ) -> None:
     """Label Studio's "Send Test Request" and interactive predict come without /setup first."""
     seen: list[PredictionRequest] = []
+    clicks: list[Mapping[str, Any]] = []
 
     def predictor(request: PredictionRequest) -> list[None]:
         seen.append(request)
         return [None] * len(request.tasks)
 
-    app = make_app(make_settings(label_studio_api_key=SECRET_TOKEN), predictor=predictor)
+    def interactive(payload: Mapping[str, Any]) -> dict[str, Any]:
+        clicks.append(payload)
+        return {"prediction": {"result": []}}
+
+    app = make_app(make_settings(label_studio_api_key=SECRET_TOKEN), predictor=predictor, interactive=interactive)
+    response = send(app.test_client(), "predict_test")
+    assert response.status_code == 200 and len(response.get_json()["results"]) == 1
+    assert (seen[0].images[0].width, seen[0].images[0].height) == IMAGE_SIZE
     response = send(app.test_client(), "predict_interactive")
     assert response.status_code == 200 and len(response.get_json()["results"]) == 1
-    assert seen[0].context == fixture_body("predict_interactive")["params"]["context"]
-    assert (seen[0].images[0].width, seen[0].images[0].height) == IMAGE_SIZE
+    assert len(seen) == 1 and (clicks[0]["image"]["width"], clicks[0]["image"]["height"]) == IMAGE_SIZE
+    assert clicks[0]["prompts"][0]["label"] == "Shape"
 
 
 def mask_predictor(request: PredictionRequest) -> list[dict[str, Any]]:
