@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from alignsam.data import Sample
 from alignsam.metrics import iou as mask_iou
@@ -160,6 +161,7 @@ def learning_curve(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: s
     ax_val.set_xlabel("episode")
     ax_val.set_ylim(-0.02, 1.02)
     for ax in (ax_reward, ax_val):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     if title:

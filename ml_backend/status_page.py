@@ -273,8 +273,8 @@ th{font-weight:600;background:#f3f3f3}.num{text-align:right;font-variant-numeric
 .s-failed{background:#ffd6d6}.s-skipped{background:#eee}
 .gain{color:#18794e}.loss{color:#b42318}.bar{background:#eee;border-radius:3px;height:8px;width:12em;display:inline-block}
 .bar>span{display:block;height:8px;background:#3b82f6;border-radius:3px}
-.pictures{display:flex;flex-wrap:wrap;gap:1em;margin-top:.8em}.pictures figure{margin:0}
-.pictures img{display:block;max-width:36em;max-height:24em;border:1px solid #ddd;border-radius:4px;background:#fff}
+.pictures{display:flex;flex-wrap:wrap;gap:1em;margin-top:.8em}.pictures figure{margin:0;max-width:36em}
+.pictures img{display:block;max-width:100%;max-height:24em;border:1px solid #ddd;border-radius:4px;background:#fff}
 .pictures figcaption{font-size:.9em;color:#555}
 """
 
