@@ -19,7 +19,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -79,6 +79,11 @@ class TrainResult:
     encoder_calls: int
     clip_calls: int
     baseline_metrics: dict[str, float] | None = None  # the ``baseline`` policy on the same validation images
+    # branch -> one statistics record per training episode (reward, FR, losses), every branch trained, the
+    # chosen one too (``policy.history``). Validation runs once per branch, after its last episode: its mIoU is
+    # in ``candidates``, not per episode.
+    histories: dict[str, list[dict]] = field(default_factory=dict)
+    val_names: list[str] = field(default_factory=list)  # the held-out images ``candidates`` were measured on
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -344,6 +349,7 @@ def train(
     train_idx, val_idx = split_indices(len(samples), cfg.val_fraction, cfg.seed)
     held_out = val_idx or train_idx
     candidates: dict[str, dict[str, float]] = {}
+    histories: dict[str, list[dict]] = {}
     best: TrainedPolicy | None = None
     for branch in branches:
         agent, srm, hist = train_branch(sam, enc, srm_in, train_idx, branch, cfg, timings, callback, t0)
@@ -353,6 +359,7 @@ def train(
             metrics = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg)
         metrics["on"] = "validation" if val_idx else "training"  # type: ignore[assignment]
         candidates[branch] = metrics
+        histories[branch] = hist
         logger.info("branch %s: %s", branch, metrics)
         if best is None or metrics["miou"] > best.val_metrics["miou"]:
             best = TrainedPolicy(agent, srm, branch, cfg, metrics, [samples[i].name for i in train_idx], hist)
@@ -370,4 +377,5 @@ def train(
     if callback:
         callback(Progress(stage="done", branch=best.branch, val_miou=best.val_metrics["miou"],
                           elapsed_s=time.perf_counter() - t0))
-    return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics)
+    return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics,
+                       histories, [samples[i].name for i in held_out])

@@ -15,6 +15,9 @@ Routes (bodies as Label Studio 1.23 sends them, see ``tests/ml_backend/fixtures`
 ``GET /status/<id>`` a project's state, without its token
 ``GET /ui``         the status page (HTML, :mod:`ml_backend.status_page`): projects, labels, jobs, queues, workers
 ``GET /metrics/prometheus``  Prometheus text format (:mod:`ml_backend.prometheus`): requests, queues, workers
+``GET /pictures/<id>/<label slug>/<version>.gallery.png`` (or ``.curve.png``) the pictures a worker drew at the
+                    end of a training, read-only from ``MODEL_DIR/policies`` (:func:`ml_backend.files.picture_file`):
+                    ``image/png``; anything else there, or outside, is a 404
 ==================  ======================================================================================
 
 Auth:
@@ -41,13 +44,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify, request, send_file
 from redis import Redis
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from ml_backend import prometheus, status_page
 from ml_backend.errors import AuthError, BadRequestError, MLBackendError
+from ml_backend.files import picture_file
 from ml_backend.images import ImageFetcher, label_studio_access_warning
 from ml_backend.interactive import InteractiveClient
 from ml_backend.job_queue import QueuePredictor, QueueTrainingTrigger, training_jobs
@@ -363,6 +367,22 @@ def _register_routes(app: Flask, services: BackendServices) -> None:
         # Not at "/": that stays the open liveness alias of /health, which probes and tests rely on.
         html = status_page.page(store, settings, status_lookup)
         return Response(html, content_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
+
+    @app.get("/pictures/<int:project_id>/<slug>/<name>")
+    def picture(project_id: int, slug: str, name: str) -> tuple[Response, int] | Response:
+        # Only a picture file of a known project, resolved inside MODEL_DIR/policies (links included); a 404
+        # for everything else, without saying what exists.
+        path = picture_file(settings.policy_dir, project_id, slug, name) if store.status(project_id) else None
+        if path is None:
+            return jsonify(status="error", error="NotFound", message="No such picture."), 404
+        try:
+            response = send_file(path, mimetype="image/png", conditional=True, max_age=0)
+        except FileNotFoundError:  # removed since it was found
+            return jsonify(status="error", error="NotFound", message="No such picture."), 404
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = "default-src 'none'"
+        response.headers["Cache-Control"] = "private, no-cache"
+        return response
 
     @app.get("/status/<int:project_id>")
     def status(project_id: int) -> tuple[Response, int] | Response:

@@ -9,6 +9,9 @@ serializer (:mod:`ml_backend.job_queue`). While a job is queued or running the p
 
 Validation scores come from the JSON sidecar a worker writes next to each policy bundle
 (``MODEL_DIR/policies/<project>/<label>/<version>.json``), found by version; the page never opens the bundle.
+The pictures the worker drew at the end of the active version's training (validation gallery, learning curve,
+``<version>.gallery.png`` / ``<version>.curve.png`` beside the bundle) are shown per label, linked to
+``GET /pictures/...``.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from redis import ConnectionPool, Redis
 from rq import Worker
 
+from ml_backend.files import PICTURE_KINDS, label_slug, picture_file, picture_name
 from ml_backend.job_queue import (
     ALIVE_STATUSES,
     QUEUES,
@@ -68,6 +73,7 @@ class LabelRow:
     previous_miou: float | None = None
     previous_fr: float | None = None
     last_result: str | None = None  # what the last training did with this label
+    pictures: dict[str, str] = field(default_factory=dict)  # kind -> URL path of the active version's picture
 
 
 @dataclass
@@ -124,6 +130,19 @@ def _sidecar_metrics(settings: Settings, project_id: int, version: str | None) -
     return {}
 
 
+def _pictures(settings: Settings, project_id: int, label: str, version: str | None) -> dict[str, str]:
+    """The active version's pictures that exist on disk, as ``kind -> URL`` (relative to ``/ui``)."""
+    if not version or not VERSION_PATTERN.fullmatch(version) or version.startswith("."):
+        return {}
+    slug = label_slug(label)
+    found = {}
+    for kind in PICTURE_KINDS:
+        name = picture_name(version, kind)
+        if picture_file(settings.policy_dir, project_id, slug, name) is not None:
+            found[kind] = f"pictures/{int(project_id)}/{quote(slug)}/{quote(name)}"
+    return found
+
+
 def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -174,6 +193,7 @@ def _label_rows(store: ProjectStore, settings: Settings, pid: int, labels: Seque
         row = LabelRow(label, version)
         metrics = _sidecar_metrics(settings, pid, version)
         row.miou, row.fr = metrics.get("miou"), metrics.get("fr")
+        row.pictures = _pictures(settings, pid, label, version)
         result = results.get(label) if isinstance(results.get(label), Mapping) else None
         if result is not None:
             row.last_result = str(result.get("status") or "")
@@ -253,6 +273,9 @@ th{font-weight:600;background:#f3f3f3}.num{text-align:right;font-variant-numeric
 .s-failed{background:#ffd6d6}.s-skipped{background:#eee}
 .gain{color:#18794e}.loss{color:#b42318}.bar{background:#eee;border-radius:3px;height:8px;width:12em;display:inline-block}
 .bar>span{display:block;height:8px;background:#3b82f6;border-radius:3px}
+.pictures{display:flex;flex-wrap:wrap;gap:1em;margin-top:.8em}.pictures figure{margin:0;max-width:36em}
+.pictures img{display:block;max-width:100%;max-height:24em;border:1px solid #ddd;border-radius:4px;background:#fff}
+.pictures figcaption{font-size:.9em;color:#555}
 """
 
 
@@ -307,6 +330,17 @@ def _labels_html(rows: Sequence[LabelRow]) -> str:
             f'<td>{escape(r.previous_version or "–")}</td><td class="num">{_fmt(r.previous_miou)}</td>'
             f'<td class="num">{_fmt(r.previous_fr)}</td><td>{escape(r.last_result or "–")}</td></tr>')
     out.append("</table>")
+    captions = {"gallery": "validation gallery: image, ground truth, prediction with its points and IoU",
+                "curve": "learning curve: reward per episode per SRM branch, validation mIoU"}
+    for r in rows:
+        if not r.pictures:
+            continue
+        out.append(f'<div class="pictures" data-label="{escape(r.label)}">')
+        for kind, url in r.pictures.items():
+            out.append(f'<figure><a href="{escape(url)}"><img class="picture-{kind}" src="{escape(url)}" '
+                       f'alt="{escape(r.label)} {kind}"></a><figcaption>{escape(r.label)} · {escape(r.version or "")}'
+                       f" · {captions[kind]}</figcaption></figure>")
+        out.append("</div>")
     return "".join(out)
 
 

@@ -70,6 +70,18 @@ def test_branch_with_the_better_validation_is_kept(trained):
     assert result.policy.val_metrics == result.candidates[best]
 
 
+def test_every_trained_branch_keeps_its_episode_history_and_the_held_out_images_are_named(trained):
+    samples, result, _ = trained
+    assert set(result.histories) == {"implicit", "explicit"}
+    for branch, history in result.histories.items():
+        assert [r["episode"] for r in history] == list(range(1, QUICK.ppo.episodes + 1))
+        assert all(r["branch"] == branch and -1.0 <= r["reward"] <= 1.0 for r in history)
+    assert result.histories[result.policy.branch] == result.policy.history
+    _, val_idx = split_indices(len(samples), QUICK.val_fraction, QUICK.seed)
+    assert result.val_names == [samples[i].name for i in val_idx] and result.val_names
+    assert all(m["n"] == len(result.val_names) for m in result.candidates.values())
+
+
 def test_training_is_reproducible(sam, clip):
     samples = bright_disc_samples(5, seed=4)
     cfg = TrainConfig(ppo=PPOConfig(episodes=2, steps=2, epochs=2), grid=(6, 6), branch="implicit", seed=7)

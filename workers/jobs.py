@@ -367,7 +367,9 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
                    baseline=baseline)
     policy = result.policy
     new_miou = float(policy.val_metrics["miou"])
-    version = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id).stem
+    bundle = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id)
+    version = bundle.stem
+    _draw_pictures(run, target.label, samples, result, bundle)
     # The active policy, validated on the same held-out images as the new one (its own recorded validation score
     # when it cannot be loaded, e.g. made for other SAM weights).
     if result.baseline_metrics is not None:
@@ -382,6 +384,38 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
     else:
         entry["status"] = "kept previous (validates better)"
     return entry
+
+
+def _draw_pictures(run: _TrainingRun, label: str, samples: Sequence[Sample], result: Any, bundle: Path) -> None:
+    """The pictures of one label's training next to its bundle: ``<version>.gallery.png`` (the new policy's
+    predictions on at most :data:`alignsam.pictures.GALLERY_ROWS` held-out images, those ``result.candidates``
+    were measured on) and ``<version>.curve.png`` (every SRM branch's episodes, the validation choices).
+
+    Never fails the training: any error is logged as a warning and the job goes on without pictures.
+    """
+    try:
+        from alignsam.pictures import GALLERY_ROWS, gallery, learning_curve
+        from alignsam.predict import AlignSAM
+        from ml_backend.files import picture_name, private_file
+
+        version = bundle.stem
+        title = f"project {run.project_id} · {label} · {version}"
+        chosen = result.policy.branch
+        curve = bundle.with_name(picture_name(version, "curve"))
+        learning_curve(result.histories or {chosen: result.policy.history}, curve, candidates=result.candidates,
+                       chosen=chosen, baseline=result.baseline_metrics, title=title)
+        private_file(curve)
+        by_name = {s.name: s for s in samples}
+        shown = [by_name[n] for n in result.val_names if n in by_name][:GALLERY_ROWS]
+        on = (result.candidates.get(chosen) or {}).get("on", "validation")
+        model = AlignSAM.from_bundle(bundle, run.m.sam, clip=run.m.clip)
+        predictions = model.predict([s.image for s in shown])
+        path = bundle.with_name(picture_name(version, "gallery"))
+        gallery(shown, predictions, path, title=f"{title} · {chosen} SRM · {on} images")
+        private_file(path)
+    except Exception as exc:
+        logger.warning("project %s label %s: the training's pictures were not drawn (%s: %s)", run.project_id,
+                       label, type(exc).__name__, exc, exc_info=True)
 
 
 def _progress_reporter(run: _TrainingRun, label: str) -> Any:

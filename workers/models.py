@@ -10,9 +10,7 @@ checkpoint for ``small``; loud warnings for random weights). SAM's image embeddi
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,16 +24,10 @@ from alignsam.loading import load_clip, load_sam, resolve_device, warn_if_plumbi
 from alignsam.predict import AlignSAM
 from alignsam.sam import FrozenSam
 from alignsam.zeroshot import ZeroShot
-from ml_backend.files import private_dir
+from ml_backend.files import label_slug, private_dir
 from ml_backend.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
-
-
-def label_slug(label: str) -> str:
-    """A label as a folder name (stable, readable, collision-safe enough with the hash suffix)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "label"
-    return f"{safe[:40]}-{hashlib.sha256(label.encode()).hexdigest()[:6]}"
 
 
 def bundle_path(settings: Settings, project_id: int, label: str, version: str) -> Path:
