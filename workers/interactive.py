@@ -33,13 +33,13 @@ from alignsam.image import as_rgb_uint8, image_digest
 from alignsam.interactive import STRATEGIES, Start, correct
 from alignsam.predict import Prediction
 from alignsam.sam import ImageEmbedding
-from ml_backend.files import private_dir
+from ml_backend.files import label_slug, private_dir
 from ml_backend.formats import masks_to_results, task_prediction
 from ml_backend.images import load_image
 from ml_backend.interactive import REPLY_TTL_S, LabelPrompt, reply_key, requests_key, scale_prompt
 from ml_backend.label_config import LabelConfig
 from ml_backend.settings import Settings
-from workers.models import Models, label_slug
+from workers.models import Models
 
 logger = logging.getLogger(__name__)
 
