@@ -27,6 +27,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from rq.executions import Execution
 from rq.job import JobStatus
@@ -102,7 +103,7 @@ def site(redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFacto
         trained_job, failed_job = _start_training(client, TRAINED), _start_training(client, FAILED)
         log = tmp_path_factory.mktemp("wk-pictures") / "worker.log"
         worker = WorkerProcess(worker_env(redis_url, model_dir, TRAIN_BRANCH="auto", TRAIN_EPISODES="3"),
-                               "train,prelabel", log)
+                               "train,prelabel,predict", log)
         try:
             worker.wait_ready(redis)
             for job_id in (trained_job, failed_job):
@@ -115,6 +116,12 @@ def site(redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFacto
             prelabel = stored_job(redis, job.return_value()["prelabel_job"])
             wait_for(lambda: prelabel.get_status(refresh=True).value in ("finished", "failed"), 120, "prelabel",
                      interval=0.5)
+            # One /predict through the queue with the new policy (for the Prometheus test).
+            predicted = client.post("/predict", json={
+                "tasks": [servers[TRAINED].tasks[5]], "project": f"{TRAINED}.1795439330", "label_config": LABEL_CONFIG,
+                "params": {"login": None, "password": None, "context": None}})
+            assert predicted.status_code == 200 and predicted.get_json()["results"][0]["model_version"] == \
+                services_of(app).store.model_version(TRAINED)
         finally:
             worker.stop()
         worker_log = log.read_text()
@@ -282,3 +289,24 @@ def test_chromium_shows_every_projects_state_and_the_trained_projects_pictures(
         with Image.open(io.BytesIO(png)) as shot:
             shot.convert("RGB").quantize(colors=256).save(SCREENSHOT, optimize=True)
         assert SCREENSHOT.stat().st_size < 500_000
+
+
+def test_prometheus_series_after_a_real_training_prelabel_and_predict_job(site: Site) -> None:
+    """Issue 21: the endpoint scraped after real jobs ran (the fixture's worker trained, pre-labelled and predicted)."""
+    response = site.client.get("/metrics/prometheus")
+    assert response.status_code == 200 and response.content_type.startswith("text/plain; version=")
+    series = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(response.get_data(as_text=True)) for s in family.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return series.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("alignsam_http_requests_total", method="POST", route="/predict", status="200") >= 1
+    assert value("alignsam_http_request_duration_seconds_count", method="POST", route="/predict") >= 1
+    assert value("alignsam_queue_jobs", queue="train", state="finished") >= 1
+    assert value("alignsam_queue_jobs", queue="train", state="failed") >= 1
+    assert value("alignsam_queue_jobs", queue="prelabel", state="finished") >= 1
+    assert value("alignsam_queue_jobs", queue="predict", state="finished") >= 1
+    assert value("alignsam_job_duration_seconds_count", queue="train") >= 1
+    assert value("alignsam_job_duration_seconds_sum", queue="train") > 0
+    assert value("alignsam_job_duration_seconds_count", queue="predict") >= 1
