@@ -74,6 +74,7 @@ class LabelRow:
     previous_fr: float | None = None
     last_result: str | None = None  # what the last training did with this label
     pictures: dict[str, str] = field(default_factory=dict)  # kind -> URL path of the active version's picture
+    clicks: str | None = None  # how clicks combine with the active policy, with its validation NoC@90
 
 
 @dataclass
@@ -114,20 +115,43 @@ class PageData:
                    or (p.prelabel is not None and p.prelabel["status"] in ALIVE_STATUSES) for p in self.projects)
 
 
-def _sidecar_metrics(settings: Settings, project_id: int, version: str | None) -> dict[str, float]:
-    """Validation metrics recorded next to the bundle of ``version`` ({} when absent). Only a version of the
-    expected shape is looked up, and only below ``MODEL_DIR/policies/<project>/``."""
+def _sidecar(settings: Settings, project_id: int, version: str | None) -> dict[str, Any]:
+    """The metadata recorded next to the bundle of ``version`` ({} when absent or unreadable). Only a version of
+    the expected shape is looked up, and only below ``MODEL_DIR/policies/<project>/``."""
     if not version or not VERSION_PATTERN.fullmatch(version) or version.startswith("."):
         return {}
     root = settings.policy_dir / str(int(project_id))
     for path in sorted(root.glob(f"*/{version}.json")):
         try:
             meta = json.loads(Path(path).read_text())
-            metrics = meta.get("val_metrics") or {}
-            return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        except (OSError, ValueError, AttributeError):
+            return meta if isinstance(meta, dict) else {}
+        except (OSError, ValueError):
             return {}
     return {}
+
+
+def _sidecar_metrics(settings: Settings, project_id: int, version: str | None) -> dict[str, float]:
+    """Validation metrics recorded next to the bundle of ``version`` ({} when absent)."""
+    metrics = _sidecar(settings, project_id, version).get("val_metrics")
+    if not isinstance(metrics, Mapping):
+        return {}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _clicks(settings: Settings, project_id: int, version: str | None) -> str | None:
+    """``"<strategy> · NoC@90 x.x (SAM alone y.y)"``: how the training chose to combine clicks with the policy."""
+    meta = _sidecar(settings, project_id, version)
+    strategy, scores = meta.get("interactive_strategy"), meta.get("interactive_scores")
+    if not isinstance(strategy, str):
+        return None
+    text = strategy
+    if isinstance(scores, Mapping) and isinstance(scores.get(strategy), Mapping):
+        best = _float(scores[strategy].get("noc@90"))
+        alone = _float(scores["clicks"].get("noc@90")) if isinstance(scores.get("clicks"), Mapping) else None
+        if best is not None:
+            text += f" · NoC@90 {best:.1f}" + (f" (pre-label, then SAM on the clicks alone: {alone:.1f})"
+                                               if alone is not None and strategy != "clicks" else "")
+    return text
 
 
 def _pictures(settings: Settings, project_id: int, label: str, version: str | None) -> dict[str, str]:
@@ -194,6 +218,7 @@ def _label_rows(store: ProjectStore, settings: Settings, pid: int, labels: Seque
         metrics = _sidecar_metrics(settings, pid, version)
         row.miou, row.fr = metrics.get("miou"), metrics.get("fr")
         row.pictures = _pictures(settings, pid, label, version)
+        row.clicks = _clicks(settings, pid, version)
         result = results.get(label) if isinstance(results.get(label), Mapping) else None
         if result is not None:
             row.last_result = str(result.get("status") or "")
@@ -317,7 +342,7 @@ def _labels_html(rows: Sequence[LabelRow]) -> str:
         return '<p class="muted">No labels in the label config.</p>'
     out = ['<table class="labels"><tr><th>label</th><th>active policy</th><th class="num">val mIoU</th>'
            '<th class="num">val FR</th><th>previous policy</th><th class="num">prev. mIoU</th>'
-           '<th class="num">prev. FR</th><th>last training</th></tr>']
+           '<th class="num">prev. FR</th><th>last training</th><th>clicks</th></tr>']
     for r in rows:
         gain = ""
         if r.miou is not None and r.previous_miou is not None:
@@ -328,7 +353,8 @@ def _labels_html(rows: Sequence[LabelRow]) -> str:
             f'<td>{escape(r.version) if r.version else "<span class=muted>none yet</span>"}</td>'
             f'<td class="num">{_fmt(r.miou)}{gain}</td><td class="num">{_fmt(r.fr)}</td>'
             f'<td>{escape(r.previous_version or "–")}</td><td class="num">{_fmt(r.previous_miou)}</td>'
-            f'<td class="num">{_fmt(r.previous_fr)}</td><td>{escape(r.last_result or "–")}</td></tr>')
+            f'<td class="num">{_fmt(r.previous_fr)}</td><td>{escape(r.last_result or "–")}</td>'
+            f'<td>{escape(r.clicks or "–")}</td></tr>')
     out.append("</table>")
     captions = {"gallery": "validation gallery: image, ground truth, prediction with its points and IoU",
                 "curve": "learning curve: reward per episode per SRM branch, validation mIoU"}

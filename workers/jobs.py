@@ -367,7 +367,9 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
                    baseline=baseline)
     policy = result.policy
     new_miou = float(policy.val_metrics["miou"])
-    bundle = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id)
+    interactive = _choose_interactive(run, target, samples, result)
+    bundle = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id,
+                           extra=interactive)
     version = bundle.stem
     _draw_pictures(run, target.label, samples, result, bundle)
     # The active policy, validated on the same held-out images as the new one (its own recorded validation score
@@ -377,13 +379,50 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
     else:
         old_miou = bundle_miou(settings, run.project_id, target.label, old) if old else None
     entry = {"version": version, "val_miou": new_miou, "branch": policy.branch,
-             "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates}
+             "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates, **interactive}
     if old is None or old_miou is None or new_miou >= old_miou:
         run.store.set_policy_version(run.project_id, target.label, version)
         entry["status"] = "activated"
     else:
         entry["status"] = "kept previous (validates better)"
     return entry
+
+
+def _choose_interactive(run: _TrainingRun, target: Target, samples: Sequence[Sample], result: Any) -> dict[str, Any]:
+    """How an annotator's clicks on this label combine with the new policy's pre-label: the strategy
+    (:data:`alignsam.interactive.STRATEGIES`) that needs the fewest simulated clicks (NoC@90, then NoC@85; the
+    simulated annotator of :mod:`alignsam.effort`) on the held-out images, with every candidate's scores:
+    ``{"interactive_strategy": s, "interactive_scores": {s: {"noc@90", "noc@85", ...}}}`` (kept in the bundle's
+    metadata; ``INTERACTIVE_STRATEGY=auto`` uses it). Costs one policy rollout per held-out image plus at most 20
+    decodes per image and candidate. ``{}`` (and a warning) when it cannot be measured: the worker then uses
+    :data:`workers.interactive.DEFAULT_STRATEGY`.
+    """
+    try:
+        from alignsam.bundle import Bundle
+        from alignsam.effort import choose_strategy
+        from alignsam.predict import AlignSAM
+        from workers.interactive import start_of
+
+        by_name = {s.name: s for s in samples}
+        held_out = [by_name[n] for n in result.val_names if n in by_name]
+        if not held_out:
+            return {}
+        p = result.policy
+        model = AlignSAM(run.m.sam, Bundle(p.agent, p.srm, p.config, {"text": target.prompt, "version": "validation",
+                                                                      "branch": p.branch}), run.m.clip)
+        images = [s.image for s in held_out]
+        predictions = model.predict(images)
+        embeddings = run.m.sam.embed_many(images)
+        starts = [start_of(pred, emb.original_size) for pred, emb in zip(predictions, embeddings, strict=True)]
+        best, scores = choose_strategy(run.m.sam, embeddings, [s.mask for s in held_out],
+                                       [pred.mask for pred in predictions], starts)
+        logger.info("project %s label %s: clicks start from the pre-label with %s (NoC@90 %.2f on %d held-out "
+                    "images)", run.project_id, target.label, best, scores[best]["noc@90"], len(held_out))
+        return {"interactive_strategy": best, "interactive_scores": jsonable(scores)}
+    except Exception as exc:
+        logger.warning("project %s label %s: the interactive strategy was not chosen (%s: %s)", run.project_id,
+                       target.label, type(exc).__name__, exc, exc_info=True)
+        return {}
 
 
 def _draw_pictures(run: _TrainingRun, label: str, samples: Sequence[Sample], result: Any, bundle: Path) -> None:
@@ -467,7 +506,7 @@ def _active_policy(m: Any, project_id: int, label: str, version: str) -> tuple[A
 
 
 def _write_bundle(settings: Settings, project_id: int, label: str, text: str, policy: Any, m: Any,
-                  job_id: str) -> Path:
+                  job_id: str, extra: Mapping[str, Any] | None = None) -> Path:
     """Save atomically under a job-private name, then rename into ``<version>.pt`` (+ ``.json``).
 
     A worker killed before the rename leaves only the private temp files, which nothing reads; the versioned
@@ -476,7 +515,7 @@ def _write_bundle(settings: Settings, project_id: int, label: str, text: str, po
     staging = bundle_path(settings, project_id, label, f".staging-{job_id}")
     private_dir(staging.parent)  # policies are the project's work: MODEL_DIR/policies/... is 0700
     meta = save_bundle(policy, staging, m.sam, text=text, clip_model=m.clip_name,
-                       extra={"project": project_id, "label": label, "job_id": job_id})
+                       extra={**(extra or {}), "project": project_id, "label": label, "job_id": job_id})
     final = bundle_path(settings, project_id, label, meta["version"])
     shutil.move(staging.with_suffix(".json"), final.with_suffix(".json"))
     os.replace(staging, final)

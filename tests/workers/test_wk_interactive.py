@@ -4,6 +4,7 @@ label with a policy starts from the policy's pre-label (computed on the first cl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,13 @@ from wk_helpers import (
     worker_env,
 )
 
+from alignsam.interactive import STRATEGIES
 from ml_backend.formats import annotation_to_masks
 from ml_backend.interactive import requests_key
 from ml_backend.label_config import parse_label_config
 from ml_backend.settings import Settings
 from ml_backend.state import ProjectStore
+from workers.models import bundle_path
 
 pytestmark = pytest.mark.integration
 
@@ -85,8 +88,10 @@ def test_clicks_are_answered_while_the_worker_trains_and_a_policy_label_starts_f
     for task_id in (1, 2, 3, 4):
         annotate_via_webhook(client, ls, project_id, task_id)
     ticket = start_training(client, project_id)
+    # A fixed strategy that starts from the pre-label (auto would use the training's choice, which may be "clicks").
     worker = WorkerProcess(worker_env(redis_url, model_dir, SAM_PRESET="small", REDIS_KEY_PREFIX=PREFIX,
-                                      TRAIN_EPISODES="6", TRAIN_STEPS="3", TRAIN_EPOCHS="2"),
+                                      TRAIN_EPISODES="6", TRAIN_STEPS="3", TRAIN_EPOCHS="2",
+                                      INTERACTIVE_STRATEGY="policy-drop-near"),
                            "train,predict", tmp_path / "worker.log")
     try:
         worker.wait_ready(redis)
@@ -106,12 +111,17 @@ def test_clicks_are_answered_while_the_worker_trains_and_a_policy_label_starts_f
         store = ProjectStore(redis, make_settings(redis_key_prefix=PREFIX), zero_shot=True)
         [(label, version)] = store.policy_versions(project_id).items()
         assert label == "Shape"
+        # The training chose a strategy on its held-out images and kept every candidate's scores in the bundle.
+        meta = json.loads(bundle_path(make_settings(), project_id, label, version).with_suffix(".json").read_text())
+        assert meta["interactive_strategy"] in STRATEGIES
+        assert set(meta["interactive_scores"]) == set(STRATEGIES)
+        assert all(0 <= v["noc@90"] <= 20 for v in meta["interactive_scores"].values())
         # Task 6 was never pre-labelled: the first click computes the policy's start, the second reads it.
         truth = ls.masks[6]
         x, y = centre(truth)
         first = click(client, click_body(project_id, ls, 6, [(x, y, True)]))
         log = worker.output()
-        assert "(start computed, 1 clicks)" in log
+        assert "Shape policy-drop-near (start computed, 1 clicks)" in log
         starts = list((model_dir / "starts" / str(project_id)).rglob("*.npz"))
         assert len(starts) == 1 and starts[0].parent.name == version
         second = click(client, click_body(project_id, ls, 6, [(x, y, True), (1.0, 1.0, False)]))
