@@ -42,6 +42,8 @@ KEYPOINT = "keypointlabels"
 RECTANGLE = "rectanglelabels"
 REPLY_TTL_S = 60
 """a worker's answer waits this long for the web process that asked (which has given up by then)"""
+MAX_WAITING = 1000
+"""most clicks kept waiting for a worker (the oldest go first); the list expires :data:`REPLY_TTL_S` after the last"""
 MAX_PROMPT_ITEMS = 64
 """most context items read per request: more clicks than this on one task is not an annotator"""
 
@@ -237,7 +239,11 @@ class InteractiveClient:
         reply = reply_key(self.prefix, request_id)
         body = dict(payload, id=request_id, reply_key=reply, deadline=time.time() + self.wait_s)
         try:
-            self.redis.lpush(self.requests_key, json.dumps(body))
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.lpush(self.requests_key, json.dumps(body))
+                pipe.ltrim(self.requests_key, 0, MAX_WAITING - 1)  # without workers the list does not grow forever
+                pipe.expire(self.requests_key, REPLY_TTL_S)
+                pipe.execute()
             popped = self.redis.brpop([reply], timeout=max(1, math.ceil(self.wait_s)))
         except RedisError as exc:
             raise InteractiveUnavailableError(f"Redis is unreachable ({type(exc).__name__})") from exc

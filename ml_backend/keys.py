@@ -25,6 +25,9 @@ are RQ's business, their lifetimes are set here and in the settings (a queued pr
                                                  the longest a queued predict job is kept)
 ``P:predready:<digest of the above>``            stream the worker appends to right after writing the entry
                                                  (``READY_TTL_S``), so ``/predict`` wakes before RQ's bookkeeping
+``P:interactive:requests``                        list: annotators' clicks waiting for a predict worker's thread
+                                                 (:mod:`ml_backend.interactive`; each carries its deadline)
+``P:interactive:reply:<id>``                     list: a worker's answer to one click (``REPLY_TTL_S`` there)
 ``P:versions``                                   set of model versions ever reported
 ``P:metrics``                                    hash: counters shown by ``GET /metrics``
 ===============================================  ==============================================================

@@ -52,12 +52,15 @@ LABEL_COLOURS: dict[str, str] = {"circle": "#ff00ff", "square": "#00ffff"}
 """Brush colours in the editor: magenta and cyan, unlike any object colour of the scenes."""
 CONTROL_NAME = "tag"
 IMAGE_NAME = "image"
+_LABEL_TAGS = "".join(f'<Label value="{label}" background="{LABEL_COLOURS[label]}"/>' for label in LABELS)
 LABEL_CONFIG = (
     f'<View><Image name="{IMAGE_NAME}" value="$image" zoom="true"/>'
-    f'<BrushLabels name="{CONTROL_NAME}" toName="{IMAGE_NAME}">'
-    + "".join(f'<Label value="{label}" background="{LABEL_COLOURS[label]}"/>' for label in LABELS)
-    + "</BrushLabels></View>"
+    f'<BrushLabels name="{CONTROL_NAME}" toName="{IMAGE_NAME}">{_LABEL_TAGS}</BrushLabels>'
+    f'<KeyPointLabels name="kp" toName="{IMAGE_NAME}" smart="true">{_LABEL_TAGS}</KeyPointLabels>'
+    f'<RectangleLabels name="box" toName="{IMAGE_NAME}" smart="true">{_LABEL_TAGS}</RectangleLabels></View>'
 )
+"""The demo project's config: the brush labels the backend pre-labels and trains on, and the smart keypoint and
+rectangle tools with the same labels for interactive correction (README "Correct a mask with clicks")."""
 SCENE_SIZE = 256
 LABEL_STUDIO_FLAGS: dict[str, str] = {
     "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # the backend reads images and annotations with one

@@ -9,7 +9,10 @@ would drive it (issue 18):
    UI's Start Training button calls);
 5. a new model version appears and every unlabelled task gets a prediction of it from the prelabel job; what
    Label Studio stores is decoded and compared with the known masks (IoU, floor below);
-6. (interactive requests, ``/api/ml/<id>/interactive-annotating``: a later feature, not tested here);
+6. an annotator's click: the model switched to interactive (``PATCH /api/ml/<id>``), a positive smart keypoint on
+   a pre-labelled task sent through ``POST /api/ml/<id>/interactive-annotating`` as the editor sends it; the
+   answer is the label's mask around the click, computed by the worker from the task's cached embedding and the
+   policy's cached pre-label;
 7. "Retrieve predictions" on a batch holding a task whose image URL is broken: that task gets no mask, the others
    get theirs, and the backend keeps answering.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,7 @@ from label_studio_sdk import LabelStudio
 from PIL import Image
 from redis import Redis
 
+from alignsam.synthetic.masks import interior_point
 from ml_backend.formats import result_to_mask
 from workers.label_studio_demo import (
     LABEL_COLOURS,
@@ -276,6 +281,60 @@ def screenshot_agreement(png: bytes, rect: dict[str, float], predicted: dict[str
     box = tuple(round(v) for v in (rect["x"], rect["y"], rect["x"] + rect["width"], rect["y"] + rect["height"]))
     pixels = np.asarray(shot.crop(box).resize((w, h), Image.Resampling.BILINEAR))
     return {label: iou(_colour_mask(pixels, LABEL_COLOURS[label]), mask) for label, mask in predicted.items()}
+
+
+def test_6_interactive_click_on_a_prelabelled_task() -> None:
+    task_id = max(RUN.prelabels)
+    scene = RUN.scenes[task_id]
+    truth = scene.masks[LABELS[0]]
+    height, width = truth.shape
+    x, y = interior_point(truth)  # the most interior pixel of the label's mask
+    headers = {"Authorization": f"Token {RUN.server.token}"}
+    with phase("6. interactive: a smart keypoint through interactive-annotating"):
+        patched = requests.patch(f"{RUN.server.url}/api/ml/{RUN.ml_backend}", headers=headers, timeout=30, json={
+            "url": RUN.backend.url, "project": RUN.project, "is_interactive": True})
+        assert patched.status_code == 200, patched.text
+        # What the 1.23.2 editor sends for a positive smart-keypoint click (shared/ls-fixtures/
+        # predict_interactive_editor_positive.json): the keypoint in percent of the image, its label.
+        context = {"result": [{
+            "original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"x": 100 * (x + 0.5) / width, "y": 100 * (y + 0.5) / height, "width": 0.26,
+                      "labels": [LABELS[0]], "keypointlabels": [LABELS[0]]},
+            "is_positive": True, "id": "e2e-kp-1", "from_name": "kp", "to_name": "image",
+            "type": "keypointlabels", "origin": "manual"}]}
+        started = time.monotonic()
+        response = requests.post(f"{RUN.server.url}/api/ml/{RUN.ml_backend}/interactive-annotating", headers=headers,
+                                 json={"task": task_id, "context": context}, timeout=120)
+        seconds = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    regions = [r for r in _results_in(response.json()) if r.get("type") == "brushlabels"]
+    assert regions, f"no brush region in Label Studio's answer: {str(response.json())[:500]}"
+    mask = _label_masks(regions, truth.shape)[LABELS[0]]
+    print(f"[e2e] click on task {task_id} answered through Label Studio in {seconds:.2f} s; IoU with the known "
+          f"{LABELS[0]} mask {iou(mask, truth):.3f}")
+    assert mask[y, x], "the answer does not cover the clicked pixel"
+    assert iou(mask, truth) > 0.3
+    log = RUN.backend.log()
+    assert "click answered in" in log
+    line = [ln for ln in log.splitlines() if "click answered in" in ln][-1]
+    found = re.search(rf"{LABELS[0]} ([a-z-]+) \(start (\w+), 1 clicks\)", line)
+    assert found, line
+    strategy, start = found.groups()
+    print(f"[e2e] the worker: {line.split('click answered in')[1].strip()}")
+    # The label has a policy: unless its training chose SAM on the clicks alone, the correction starts from the
+    # pre-label the prelabel job cached for this task.
+    assert start == ("none" if strategy == "clicks" else "cached"), line
+
+
+def _results_in(value: Any) -> list[dict[str, Any]]:
+    """Every Label Studio result (a dict with ``type`` and ``value``) anywhere in ``value``."""
+    if isinstance(value, dict):
+        if "type" in value and isinstance(value.get("value"), dict):
+            return [value]
+        return [r for v in value.values() for r in _results_in(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _results_in(v)]
+    return []
 
 
 def test_7_broken_image_in_a_batch() -> None:
