@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignsam.bundle import load_bundle, save_bundle
+from alignsam.bundle import load_bundle, read_meta, save_bundle
 from alignsam.effort import choose_strategy, noc, reached, simulate, summarize
 from alignsam.interactive import STRATEGIES, Start
 from alignsam.loading import load_clip, load_sam, resolve_device
@@ -182,6 +182,28 @@ def rows_of(r: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def collect(args: argparse.Namespace, results: dict[str, Any], cache: Path) -> None:
+    """``--collect``: the newest cached result per task (of this --train / --test) into one results file."""
+    rows: list[tuple[str, ...]] = []
+    results["collected_from"] = {}
+    for task in args.tasks:
+        found = [p for p in sorted(cache.glob(f"result-{task.replace(':', '_')}-*.json"), key=lambda p: p.stat().st_mtime)
+                 if (r := json.loads(p.read_text()))["n_test"] == args.test and r["n_train"] == args.train]
+        if not found:
+            print(f"[{task}] no cached result in {cache}: run it first", flush=True)
+            continue
+        r = json.loads(found[-1].read_text())
+        results["tasks"][task] = r
+        results["collected_from"][task] = str(found[-1])
+        results["sam"] = results["sam"] or read_meta(r["bundle"]).get("sam_model_id")
+        rows += rows_of(r)
+    results["wall_s"] = sum(r.get("task_wall_s", 0.0) for r in results["tasks"].values())
+    results["wall_s_note"] = "sum of the tasks' own wall times (they may have run in parallel processes)"
+    results["complete"] = len(results["tasks"]) == len(args.tasks)
+    print(f"wrote {write_results(args.name, results, rows, HEADERS, RESULTS)} "
+          f"({len(results['tasks'])} of {len(args.tasks)} tasks)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
@@ -198,6 +220,8 @@ def main() -> None:
     ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--cache-dir", default="/tmp/noc/cache", help="trained bundles and per-task results")
     ap.add_argument("--resume", action="store_true", help="reuse per-task results cached by an earlier run")
+    ap.add_argument("--collect", action="store_true",
+                    help="no model: gather each task's newest cached result (runs split over processes) into one file")
     ap.add_argument("--name", default="noc")
     args = ap.parse_args()
     if args.threads:
@@ -205,13 +229,10 @@ def main() -> None:
     if args.branch != "implicit":
         raise SystemExit("only the implicit branch is benchmarked offline (random-weight CLIP); see benchmarks/quality.py")
     cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, epochs=args.epochs), branch=args.branch, seed=args.seed)
-    sam = load_sam("small", None, args.device)
-    sam.cache_size = max(sam.cache_size, args.test + args.val + args.train + 16)  # embed every scene once
-    clip = load_clip("tiny", None, args.device)
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "config": cfg.to_dict(), "torch_threads": torch.get_num_threads(), "sam": sam.model_id,
+        "config": cfg.to_dict(), "torch_threads": torch.get_num_threads(), "sam": None,
         "clip": "tiny (random weights)", "thresholds": list(THRESHOLDS), "max_clicks": args.max_clicks,
         "goal_ratio": GOAL_RATIO, "seeds": {"train": f"train split seeds 0..{args.train - 1}",
                                             "val": f"train split seeds {args.train}..{args.train + args.val - 1}",
@@ -220,6 +241,13 @@ def main() -> None:
         "annotator": "corrective_click: interior point of the largest error region, stop at 0.90 or 20 clicks",
         "complete": False, "tasks_planned": args.tasks, "tasks": {},
     }
+    if args.collect:
+        collect(args, results, cache)
+        return
+    sam = load_sam("small", None, args.device)
+    sam.cache_size = max(sam.cache_size, args.test + args.val + args.train + 16)  # embed every scene once
+    clip = load_clip("tiny", None, args.device)
+    results["sam"] = sam.model_id
     rows: list[tuple[str, ...]] = []
     t0 = time.perf_counter()
     for task in args.tasks:
