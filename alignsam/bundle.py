@@ -102,6 +102,7 @@ def save_bundle(
         "embed_dim": sam.embed_dim,
         "clip_model": clip_model,
         "branch": policy.branch,
+        "instances": bool(policy.instances),
         "grid": list(policy.config.grid),
         "steps": policy.config.ppo.steps,
         "train_samples": len(policy.train_names),

@@ -31,6 +31,9 @@ class TrainConfig:
     val_fraction: float = 0.2
     rollout_batch: int = 64  # images per batched episode
     seed: int = 0
+    # Prompt SAM once per instance of the SRM's map (alignsam.instances): "auto" (validation decides, keeping the
+    # policy's own mask unless per-instance prompts score INSTANCE_MARGIN higher), "off", "on".
+    instances: Literal["auto", "off", "on"] = "auto"
 
     def env_config(self) -> EnvConfig:
         return EnvConfig(grid=self.grid, steps=self.ppo.steps, use_mask_input=self.use_mask_input)
@@ -59,3 +62,4 @@ class TrainedPolicy:
     val_metrics: dict[str, float]
     train_names: list[str]
     history: list[dict] = field(default_factory=list)
+    instances: bool = False  # prompts SAM once per instance (alignsam.instances), chosen by validation

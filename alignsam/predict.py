@@ -21,6 +21,7 @@ from alignsam.bundle import Bundle, load_bundle
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.env import PromptEnv
 from alignsam.errors import BundleError
+from alignsam.instances import split_instances
 from alignsam.rollout import ActionSource, LabelSource, SrmInputs, add_clip_maps, encode, rollout
 from alignsam.sam import FrozenSam
 
@@ -36,7 +37,9 @@ class Prediction:
       present: the SRM's probability that the target is in the image.
       points: the prompt points in order, ``(x, y, label)`` in image pixels, label 1 = positive.
       low_res: ``[4h, 4w]`` float32, SAM's logits of the mask in its padded input frame (what
-        :mod:`alignsam.interactive` feeds back as ``mask_input``); None when the SRM found no target.
+        :mod:`alignsam.interactive` feeds back as ``mask_input``); None when the SRM found no target (or the
+        target was split into instances: there is no single mask's logits then).
+      instances: one ``HxW`` bool mask per instance (:mod:`alignsam.instances`); ``[mask]`` when not split.
     """
 
     mask: np.ndarray
@@ -45,6 +48,7 @@ class Prediction:
     present: float
     points: list[tuple[float, float, int]] = field(default_factory=list)
     low_res: np.ndarray | None = None
+    instances: list[np.ndarray] = field(default_factory=list)
 
 
 class AlignSAM:
@@ -88,12 +92,16 @@ class AlignSAM:
         steps: int | None = None,
         masks: Sequence[np.ndarray] | None = None,
         generator: torch.Generator | None = None,
+        instances: bool | None = None,
     ) -> list[Prediction]:
         """Segments the bundle's target (or ``text``) in each image.
 
         ``actions`` / ``labels`` / ``steps`` select the paper's ablations (random actions, all
         points positive, T=1); ``masks`` (ground truth) is needed only for ``labels="gt"`` / ``"gt-positive"``.
+        ``instances``: prompt SAM once per instance of the SRM's map (:mod:`alignsam.instances`); None: what the
+        bundle's validation chose (``meta["instances"]``, off for bundles made before the choice existed).
         """
+        split = bool(self.bundle.meta.get("instances", False)) if instances is None else instances
         text = text or self.text
         cfg = self.bundle.config
         steps = cfg.ppo.steps if steps is None else steps
@@ -110,15 +118,25 @@ class AlignSAM:
             idx = torch.arange(len(chunk), device=self.sam.device)
             res = rollout(self.sam, env, srm_in, self.agent, self.srm, idx, steps, actions=actions,
                           labels=labels, mask_repeats=cfg.ppo.mask_repeats, generator=generator)
+            all_probs = [p.float().cpu().numpy() for p in res.probs]
+            all_points = [[
+                (float(x), float(y), int(lab))
+                for (x, y), lab in zip(res.points[i].tolist(), res.labels[i].tolist(), strict=True)
+                if lab >= 0
+            ] for i in range(len(chunk))]
+            parts = None
+            if split:
+                parts = split_instances(self.sam, enc.embeddings, enc.sizes, srm_in.forward(self.srm, idx, None)
+                                        .logits[:, 0], srm_in.valid[idx, 0], all_points, all_probs,
+                                        [float(v) >= 0.5 for v in res.present])
             for i in range(len(chunk)):
-                probs = res.probs[i].float().cpu().numpy()
-                pts = [
-                    (float(x), float(y), int(lab))
-                    for (x, y), lab in zip(res.points[i].tolist(), res.labels[i].tolist(), strict=True)
-                    if lab >= 0
-                ]
+                probs, pts = all_probs[i], all_points[i]
                 low = None
                 if res.low_res is not None and float(res.present[i]) >= 0.5:
                     low = res.low_res[i, 0].float().cpu().numpy()
-                out.append(Prediction(probs > 0.5, probs, float(res.score[i]), float(res.present[i]), pts, low))
+                shown = [probs > 0.5]
+                if parts is not None and parts[i].split:
+                    probs, shown, low = parts[i].probs, parts[i].masks, None
+                out.append(Prediction(probs > 0.5, probs, float(res.score[i]), float(res.present[i]), pts, low,
+                                      shown))
         return out

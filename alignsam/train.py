@@ -29,6 +29,7 @@ from alignsam.clip_surgery import ClipSurgery
 from alignsam.data import Sample
 from alignsam.env import PromptEnv
 from alignsam.errors import DataError
+from alignsam.instances import split_instances
 from alignsam.metrics import iou as mask_iou
 from alignsam.policy import TrainConfig, TrainedPolicy
 from alignsam.ppo import RolloutBuffer, ppo_update
@@ -37,6 +38,10 @@ from alignsam.sam import FrozenSam
 from alignsam.srm import SRM, Branch, SRMConfig, srm_update, update_subsets
 
 logger = logging.getLogger(__name__)
+
+INSTANCE_MARGIN = 0.01
+"""Per-instance prompts replace the policy's own mask only when they validate this much higher (mIoU): on a handful
+of held-out images a smaller gain is noise, and the paper's single mask is the default."""
 
 
 @dataclass
@@ -84,6 +89,9 @@ class TrainResult:
     # in ``candidates``, not per episode.
     histories: dict[str, list[dict]] = field(default_factory=dict)
     val_names: list[str] = field(default_factory=list)  # the held-out images ``candidates`` were measured on
+    # The chosen branch with SAM prompted once per instance (alignsam.instances), on the same images; None when
+    # ``TrainConfig.instances`` is "off". ``policy.instances`` says whether it was kept.
+    instance_metrics: dict[str, float] | None = None
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -126,8 +134,10 @@ def evaluate_policy(
     idx: Sequence[int],
     cfg: TrainConfig,
     batch: int = 32,
+    instances: bool = False,
 ) -> dict[str, float]:
-    """mIoU and FR of the deterministic policy on images ``idx`` (which have ground truth)."""
+    """mIoU and FR of the deterministic policy on images ``idx`` (which have ground truth); ``instances``: with
+    SAM prompted once per instance of the SRM's map (:mod:`alignsam.instances`), as inference then does."""
     if not idx:
         return {}
     env = PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
@@ -137,8 +147,18 @@ def evaluate_policy(
     for start in range(0, len(idx), batch):
         chunk = torch.tensor(idx[start : start + batch], device=sam.device)
         res = rollout(sam, env, srm_in, agent, srm, chunk, cfg.ppo.steps, mask_repeats=cfg.ppo.mask_repeats)
-        for i, p in zip(chunk.tolist(), res.probs, strict=True):
-            ious.append(mask_iou(p.cpu().numpy() > 0.5, enc.masks[i]))
+        probs = [p.float().cpu().numpy() for p in res.probs]
+        if instances:
+            points = [[(float(x), float(y), int(lab)) for (x, y), lab in zip(res.points[r].tolist(),
+                                                                             res.labels[r].tolist(), strict=True)
+                       if lab >= 0] for r in range(len(chunk))]
+            with torch.no_grad():
+                srm_logits = srm_in.forward(srm, chunk, None).logits[:, 0]
+            parts = split_instances(sam, enc.embeddings[chunk], [enc.sizes[i] for i in chunk.tolist()], srm_logits,
+                                    srm_in.valid[chunk, 0], points, probs, [float(v) >= 0.5 for v in res.present])
+            probs = [part.probs for part in parts]
+        for i, p in zip(chunk.tolist(), probs, strict=True):
+            ious.append(mask_iou(p > 0.5, enc.masks[i]))
         if res.foreground_rate is not None:
             frs += res.foreground_rate.tolist()
     return {"miou": float(np.mean(ious)), "fr": float(np.mean(frs)) if frs else 0.0, "n": len(ious)}
@@ -364,6 +384,18 @@ def train(
         if best is None or metrics["miou"] > best.val_metrics["miou"]:
             best = TrainedPolicy(agent, srm, branch, cfg, metrics, [samples[i].name for i in train_idx], hist)
     assert best is not None
+    instance_metrics = None
+    if cfg.instances != "off":
+        # Every instance of the SRM's map prompted on its own (alignsam.instances): kept only when it validates
+        # clearly better than the policy's own mask (or when asked for), on the same held-out images.
+        with clock("validation"):
+            split = evaluate_policy(sam, enc, srm_in, best.agent, best.srm, held_out, cfg, instances=True)
+        split["on"] = best.val_metrics.get("on", "validation")  # type: ignore[assignment]
+        instance_metrics = split
+        if cfg.instances == "on" or split["miou"] >= best.val_metrics["miou"] + INSTANCE_MARGIN:
+            best.instances = True
+            best.val_metrics = dict(split)
+        logger.info("instances: %s (%s)", best.instances, split)
     baseline_metrics = None
     if baseline is not None:
         agent_b, srm_b, cfg_b = baseline
@@ -374,8 +406,12 @@ def train(
             srm_in = SrmInputs(sam, enc)
         with clock("validation"):
             baseline_metrics = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, held_out, cfg_b)
+            if cfg.instances != "off":  # the active policy gets its better mode too (its bundle may use either)
+                split_b = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, held_out, cfg_b, instances=True)
+                if split_b["miou"] > baseline_metrics["miou"]:
+                    baseline_metrics = split_b
     if callback:
         callback(Progress(stage="done", branch=best.branch, val_miou=best.val_metrics["miou"],
                           elapsed_s=time.perf_counter() - t0))
     return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics,
-                       histories, [samples[i].name for i in held_out])
+                       histories, [samples[i].name for i in held_out], instance_metrics)

@@ -409,10 +409,13 @@ def masks_to_results(
     scores: Mapping[str, float] | float = 1.0,
     simplify_px: float = 0.0,
     min_area_px: float = 0.0,
+    instances: Mapping[str, Sequence[Mask]] | None = None,
 ) -> list[dict[str, Any]]:
     """Prediction results for ``{label: mask}``: brush results, or polygons when the config uses PolygonLabels.
 
-    Empty masks produce no region. Labels not in the config raise :class:`FormatError`.
+    ``instances``: per label, its instances' masks; a label with more than one becomes one brush region per
+    instance when :meth:`LabelConfig.regions_per_instance` says so. Empty masks produce no region. Labels not in
+    the config raise :class:`FormatError`.
     """
     results: list[dict[str, Any]] = []
     for label, mask in masks.items():
@@ -422,8 +425,11 @@ def masks_to_results(
         if not mask.any():
             continue
         score = scores if isinstance(scores, float | int) else scores.get(label, 1.0)
+        parts = [np.asarray(m, dtype=bool) for m in (instances or {}).get(label, ())]
         if config.control_type == "PolygonLabels":
             results += polygon_results(mask, label, config, score, simplify_px, min_area_px)
+        elif len(parts) > 1 and config.regions_per_instance(label, True):
+            results += [brush_result(m, label, config, score) for m in parts if m.any()]
         else:
             results.append(brush_result(mask, label, config, score))
     return results

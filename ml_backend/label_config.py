@@ -19,6 +19,12 @@ them reaches ``/predict`` in ``params.context`` (:mod:`ml_backend.interactive`) 
 label's mask on the mask control. A config with a smart tool and no mask control is refused like any config without
 a mask control.
 
+One region per instance: for projects that label every object of a class separately (every car, every cell),
+``extra_params["instance_regions"]`` is ``true`` (every label), a list of labels, or ``false``; a label then gets one
+brush region per instance its policy found instead of one region for their union (PolygonLabels always get one
+polygon per connected piece). Unset, a label gets one region per instance when its policy prompts per instance
+(its training chose that on the project's own held-out tasks: :mod:`alignsam.instances`).
+
 A ``<Label value="Glass" alias="G">`` appears in results as its alias (``G``), as Label Studio stores it; its
 prompt defaults to the value (``Glass``), and results naming either are accepted when annotations are read.
 """
@@ -80,6 +86,7 @@ class LabelConfig:
     targets: tuple[Target, ...]
     config_hash: str = field(default="")
     smart_controls: tuple[SmartControl, ...] = ()
+    instance_regions: tuple[str, ...] | None = None  # labels answered one region per instance; None: the policy's
 
     @property
     def result_type(self) -> str:
@@ -118,7 +125,12 @@ class LabelConfig:
             targets=targets,
             config_hash=data.get("config_hash", ""),
             smart_controls=smart,
+            instance_regions=None if data.get("instance_regions") is None else tuple(data["instance_regions"]),
         )
+
+    def regions_per_instance(self, label: str, split: bool) -> bool:
+        """Whether ``label``'s prediction is one region per instance (``split``: its policy found instances)."""
+        return split if self.instance_regions is None else label in self.instance_regions
 
     def smart_control(self, name: str) -> SmartControl | None:
         """The smart control called ``name`` (a context result's ``from_name``), if any."""
@@ -127,7 +139,8 @@ class LabelConfig:
 
 def config_hash(xml: str, extra_params: Mapping[str, Any] | None = None) -> str:
     """Short stable hash of a config (and the prompt overrides), to notice config changes."""
-    payload = json.dumps({"xml": xml, "prompts": _prompt_overrides(extra_params)}, sort_keys=True)
+    payload = json.dumps({"xml": xml, "prompts": _prompt_overrides(extra_params),
+                          "instance_regions": _instance_setting(extra_params)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -138,6 +151,33 @@ def _prompt_overrides(extra_params: Mapping[str, Any] | None) -> dict[str, str]:
     if not isinstance(prompts, Mapping):
         return {}
     return {str(k): str(v) for k, v in prompts.items() if isinstance(v, str) and v.strip()}
+
+
+def _instance_setting(extra_params: Mapping[str, Any] | None) -> bool | list[str] | None:
+    value = extra_params.get("instance_regions") if isinstance(extra_params, Mapping) else None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return sorted(set(value))
+    if value is not None:
+        raise LabelConfigError('extra_params "instance_regions" must be true, false or a list of label names, got '
+                               f"{ascii(value)[:60]}")
+    return None
+
+
+def _instance_labels(extra_params: Mapping[str, Any] | None, targets: tuple[Target, ...]) -> tuple[str, ...] | None:
+    setting = _instance_setting(extra_params)
+    if setting is None:
+        return None
+    if setting is True:
+        return tuple(t.label for t in targets)
+    if setting is False:
+        return ()
+    known = {t.label for t in targets} | {t.value for t in targets if t.value}
+    unknown = [v for v in setting if v not in known]
+    if unknown:
+        raise LabelConfigError(f'extra_params "instance_regions" names labels that are not in the config: {unknown}')
+    return tuple(t.label for t in targets if t.label in setting or t.value in setting)
 
 
 def parse_label_config(xml: str, extra_params: Mapping[str, Any] | None = None) -> LabelConfig:
@@ -203,6 +243,7 @@ def parse_label_config(xml: str, extra_params: Mapping[str, Any] | None = None) 
             targets=targets,
             config_hash=config_hash(xml, extra_params),
             smart_controls=_smart_controls(interface, image.name, targets),
+            instance_regions=_instance_labels(extra_params, targets),
         )
     names = ", ".join(f"<{c.tag} name={c.name!r} toName={c.to_name!r}>" for c in controls)
     raise LabelConfigError(

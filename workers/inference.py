@@ -6,7 +6,7 @@ model version ``<prefix>-zeroshot``, so nobody mistakes it for a trained result.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,12 +22,13 @@ from workers.models import Models
 
 @dataclass
 class LabelMask:
-    """One label's predicted mask, its score and the prompt points used."""
+    """One label's predicted mask, its score, the prompt points used and its instances' masks."""
 
     mask: np.ndarray
     score: float
     points: list[tuple[float, float, int]]
     source: str  # "policy" or "zeroshot"
+    instances: list[np.ndarray] = field(default_factory=list)  # one mask per instance when the policy split it
 
 
 def predict_labels_many(
@@ -55,7 +56,7 @@ def predict_labels_many(
         if version:  # where an annotator's click on this label starts from (workers.interactive)
             save_starts(models.settings, project_id, target.label, version, images, preds)
         for one, pred in zip(out, preds, strict=True):
-            one[target.label] = LabelMask(pred.mask, pred.score, pred.points, source)
+            one[target.label] = LabelMask(pred.mask, pred.score, pred.points, source, list(pred.instances))
     return out
 
 
@@ -81,6 +82,7 @@ def prediction_for(
     masks = {label: m.mask for label, m in label_masks.items()}
     scores = {label: m.score for label, m in label_masks.items()}
     results = masks_to_results(
-        masks, config, scores, simplify_px=settings.polygon_simplify_px, min_area_px=settings.polygon_min_area_px
+        masks, config, scores, simplify_px=settings.polygon_simplify_px, min_area_px=settings.polygon_min_area_px,
+        instances={label: m.instances for label, m in label_masks.items()},
     )
     return task_prediction(results, model_version)

@@ -1,7 +1,7 @@
 """The offline testbed: synthetic scenes with exact masks standing in for the paper's datasets, the baselines the
 paper compares against (PerSAM-style, oracle clicker), the quality table, and binary-mask helpers.
 
-- :mod:`~alignsam.synthetic.scenes`: task families (semantic, saliency, blur, shadow, mirror), seeded splits;
+- :mod:`~alignsam.synthetic.scenes`: task families (semantic, saliency, blur, shadow, mirror; and instances), seeded splits;
 - :mod:`~alignsam.synthetic.masks`: dilate / erode, interior point, the NoC corrective click;
 - :mod:`~alignsam.synthetic.baselines`: PerSAM-style prototype matching and the oracle clicker;
 - :mod:`~alignsam.synthetic.quality`: train on a family's train split, the full table on its test split.
@@ -10,6 +10,7 @@ paper compares against (PerSAM-style, oracle clicker), the quality table, and bi
 from alignsam.synthetic.masks import corrective_click, dilate, erode, interior_point
 from alignsam.synthetic.scenes import (
     CATEGORIES,
+    EXTRA_FAMILIES,
     FAMILIES,
     FAMILY_TEXT,
     REGION_KINDS,
@@ -28,6 +29,7 @@ from alignsam.synthetic.scenes import (
 
 __all__ = [
     "CATEGORIES",
+    "EXTRA_FAMILIES",
     "FAMILIES",
     "FAMILY_TEXT",
     "REGION_KINDS",

@@ -28,7 +28,7 @@ from alignsam.policy import TrainConfig
 from alignsam.predict import AlignSAM
 from alignsam.rollout import encode
 from alignsam.sam import FrozenSam
-from alignsam.synthetic import CATEGORIES, FAMILIES, make_split
+from alignsam.synthetic import CATEGORIES, EXTRA_FAMILIES, FAMILIES, make_split
 from alignsam.synthetic.baselines import oracle_predict, persam_predict, target_prototype
 from alignsam.train import Timings, train
 
@@ -39,8 +39,8 @@ DEFAULT_TASKS: tuple[str, ...] = ("semantic:circle", "saliency", "blur", "shadow
 def parse_task(task: str) -> tuple[str, str | None]:
     """``"semantic:circle"`` -> ``("semantic", "circle")``; ``"blur"`` -> ``("blur", None)``."""
     family, _, category = task.partition(":")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown task family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    if family not in FAMILIES + EXTRA_FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; choose one of: {', '.join(FAMILIES + EXTRA_FAMILIES)}")
     if family == "semantic" and not category:
         raise ValueError(f"the semantic family needs a category, e.g. semantic:{next(iter(CATEGORIES))} "
                          f"(one of: {', '.join(CATEGORIES)})")

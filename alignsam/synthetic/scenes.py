@@ -42,6 +42,11 @@ from alignsam.synthetic.masks import dilate
 FAMILIES: tuple[str, ...] = ("semantic", "saliency", "blur", "shadow", "mirror")
 """Task families, in the order of the paper's task types."""
 
+EXTRA_FAMILIES: tuple[str, ...] = ("instances",)
+"""Families beyond the paper's (not in the small SAM's training mix): ``instances``, 3-6 red circles per scene (the
+target, every one of them) among red squares and triangles (same colour) and orange circles (same shape, a near
+colour), like a project labelling every car or every cell."""
+
 REGION_KINDS: tuple[str, ...] = ("object", "blur", "shadow", "mirror")
 """Kinds of promptable regions a scene lists."""
 
@@ -61,6 +66,7 @@ FAMILY_TEXT: dict[str, str] = {
     "blur": "blur",
     "shadow": "shadow",
     "mirror": "mirror",
+    "instances": "red circle",
 }
 """Text prompt per family (``semantic`` uses the category name)."""
 
@@ -436,7 +442,26 @@ def _mirror(rng: np.random.Generator, size: int) -> tuple[_Canvas, str, list[int
     return canvas, "", None
 
 
-_BUILDERS = {"semantic": _semantic, "saliency": _saliency, "blur": _blur, "shadow": _shadow, "mirror": _mirror}
+def _instances(rng: np.random.Generator, size: int) -> tuple[_Canvas, str, list[int] | None]:
+    canvas = _Canvas(_texture(rng, size))
+    red = CATEGORIES["circle"]
+    items = [("circle", red, True)] * int(rng.integers(3, 7))
+    items += [(str(rng.choice(["square", "triangle"])), red, False) for _ in range(int(rng.integers(2, 4)))]
+    items += [("circle", (0.06, 0.10), False) for _ in range(int(rng.integers(1, 3)))]  # orange
+    targets = []
+    for n in rng.permutation(len(items)):
+        shape, (lo, hi), is_target = items[int(n)]
+        m, _, _ = _place(rng, canvas, (12, 24), shape)
+        color = _hsv(rng.uniform(lo, hi) % 1.0, rng.uniform(0.7, 1.0), rng.uniform(0.65, 1.0))
+        canvas.paint(m, _shade(rng, m, color))
+        idx = canvas.add_region(m, "object", "target" if is_target else shape)
+        if is_target:
+            targets.append(idx)
+    return canvas, "", sorted(targets)
+
+
+_BUILDERS = {"semantic": _semantic, "saliency": _saliency, "blur": _blur, "shadow": _shadow, "mirror": _mirror,
+             "instances": _instances}
 _TARGET_KIND = {"blur": "blur", "shadow": "shadow", "mirror": "mirror"}
 
 
@@ -479,8 +504,8 @@ def make_scene(family: str, seed: int, size: int = 256, category: str | None = N
     scene (the SAM-training mix). A benchmark split of the semantic family fixes it, like one Pascal VOC class.
     """
     if family not in _BUILDERS:
-        raise ValueError(f"unknown task family {family!r}; choose one of: {', '.join(FAMILIES)}")
-    rng = np.random.default_rng([FAMILIES.index(family), int(seed)])
+        raise ValueError(f"unknown task family {family!r}; choose one of: {', '.join(FAMILIES + EXTRA_FAMILIES)}")
+    rng = np.random.default_rng([(FAMILIES + EXTRA_FAMILIES).index(family), int(seed)])
     if category is not None:
         if family != "semantic":
             raise ValueError(f"only the semantic family has categories, not {family!r}")

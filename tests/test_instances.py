@@ -1,0 +1,129 @@
+"""Every instance of the target (alignsam.instances): components of the SRM's map, one SAM prompt per instance
+(bundled small SAM on the multi-instance family), the validation choice in training and the bundle, and the
+Label Studio side (one brush region per instance, the project's setting)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alignsam.bundle import load_bundle, save_bundle
+from alignsam.instances import grid_components, split_instances
+from alignsam.loading import load_sam
+from alignsam.metrics import iou
+from alignsam.policy import TrainConfig
+from alignsam.ppo import PPOConfig
+from alignsam.predict import AlignSAM
+from alignsam.rollout import SrmInputs, encode
+from alignsam.sam import FrozenSam
+from alignsam.synthetic import make_split
+from alignsam.train import train
+from ml_backend.errors import LabelConfigError
+from ml_backend.formats import masks_to_results
+from ml_backend.label_config import parse_label_config
+from tests.helpers import bright_disc_samples
+
+CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image"><Label value="cell"/>'
+          '<Label value="bg"/></BrushLabels></View>')
+
+
+@pytest.fixture(scope="module")
+def small() -> FrozenSam:
+    torch.set_num_threads(1)
+    return load_sam("small", None, "cpu")
+
+
+def test_grid_components_are_4_connected() -> None:
+    fg = np.array([[1, 1, 0, 0],
+                   [0, 1, 0, 1],
+                   [1, 0, 0, 1],
+                   [1, 0, 1, 1]], bool)
+    labels, n = grid_components(fg)
+    assert n == 3
+    assert len({labels[0, 0], labels[0, 1], labels[1, 1]}) == 1  # one piece
+    assert labels[2, 0] == labels[3, 0] != labels[1, 1]           # diagonal contact does not join
+    assert labels[1, 3] == labels[3, 2] and (labels[~fg] == 0).all()
+    assert grid_components(np.zeros((3, 3), bool))[1] == 0
+
+
+def test_one_prompt_per_instance_finds_objects_one_positive_click_set_misses(small: FrozenSam) -> None:
+    """With the SRM's map replaced by the ground truth on the embedding grid (a perfect SRM), prompting SAM once per
+    component recovers the scene's 3-6 red circles; SAM given all their centres at once (what the policy's mask is
+    made of) does far worse."""
+    scenes = make_split("instances", "test", 6)
+    enc = encode(small, [s.image for s in scenes], masks=[s.mask for s in scenes])
+    srm_in = SrmInputs(small, enc)
+    assert srm_in.gt is not None
+    logits = (srm_in.gt[:, 0] > 0.5).float() * 10 - 5
+    together, split = [], []
+    for i, scene in enumerate(scenes):
+        centres = [(float(np.nonzero(scene.regions[t])[1].mean()), float(np.nonzero(scene.regions[t])[0].mean()), 1)
+                   for t in scene.target_regions]
+        out = small.decode(enc.embeddings[i : i + 1], torch.tensor([[c[:2] for c in centres]]),
+                           torch.ones(1, len(centres), dtype=torch.long), [enc.sizes[i]])
+        base = out.probs[0].numpy()
+        (part,) = split_instances(small, enc.embeddings[i : i + 1], [enc.sizes[i]], logits[i : i + 1],
+                                  srm_in.valid[i : i + 1, 0], [centres], [base])
+        assert part.split and len(part.masks) == len(part.points)
+        assert abs(len(part.masks) - len(scene.target_regions)) <= 1  # touching circles may merge on the grid
+        together.append(iou(base > 0.5, scene.mask))
+        split.append(iou(part.probs > 0.5, scene.mask))
+        assert (part.probs > 0.5).sum() == np.logical_or.reduce(part.masks).sum()  # the union is the target
+    assert np.mean(split) > 0.8 and np.mean(split) > np.mean(together) + 0.15, (together, split)
+
+
+def test_a_single_component_or_an_absent_target_keeps_the_policys_mask(small: FrozenSam) -> None:
+    (scene,) = make_split("saliency", "test", 1)
+    enc = encode(small, [scene.image])
+    srm_in = SrmInputs(small, enc)
+    one = torch.full((1, *srm_in.valid.shape[-2:]), -5.0)
+    one[0, 4:8, 4:8] = 5.0
+    base = np.zeros(scene.mask.shape, np.float32)
+    base[10:20, 10:20] = 1
+    for logits, present in ((one, [True]), (torch.full_like(one, 5.0), [False])):
+        (part,) = split_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], [[(5.0, 5.0, 1)]],
+                                  [base], present)
+        assert not part.split and np.array_equal(part.probs, base) and len(part.masks) == 1
+
+
+def test_training_chooses_the_mode_by_validation_and_the_bundle_keeps_it(tmp_path) -> None:
+    sam = FrozenSam.from_preset("tiny", seed=0)
+    samples = bright_disc_samples(6, seed=2)
+    base = TrainConfig(ppo=PPOConfig(episodes=2, steps=2, epochs=2), grid=(6, 6), branch="implicit", seed=3)
+    off = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "off"}))
+    assert off.instance_metrics is None and off.policy.instances is False
+    on = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on"}))
+    assert on.policy.instances is True and on.instance_metrics is not None
+    assert on.policy.val_metrics["miou"] == on.instance_metrics["miou"]
+    auto = train(sam, samples, base)
+    assert auto.instance_metrics is not None
+    chosen = auto.instance_metrics["miou"] >= auto.candidates["implicit"]["miou"] + 0.01
+    assert auto.policy.instances is chosen
+    save_bundle(on.policy, tmp_path / "p.pt", sam, text="disc")
+    bundle = load_bundle(tmp_path / "p.pt", sam)
+    assert bundle.meta["instances"] is True
+    preds = AlignSAM(sam, bundle).predict([s.image for s in samples[:2]])
+    assert all(len(p.instances) >= 1 and p.instances[0].shape == p.mask.shape for p in preds)
+    assert all(p.low_res is None for p in preds if len(p.instances) > 1)
+
+
+def test_one_brush_region_per_instance_as_the_project_or_the_policy_chooses() -> None:
+    a = np.zeros((20, 20), bool)
+    a[2:6, 2:6] = True
+    b = np.zeros((20, 20), bool)
+    b[10:15, 10:15] = True
+    masks, instances = {"cell": a | b}, {"cell": [a, b]}
+    auto = parse_label_config(CONFIG)
+    assert auto.instance_regions is None
+    assert len(masks_to_results(masks, auto, 0.9, instances=instances)) == 2  # the policy split it
+    assert len(masks_to_results(masks, auto, 0.9)) == 1
+    never = parse_label_config(CONFIG, {"instance_regions": False})
+    assert len(masks_to_results(masks, never, 0.9, instances=instances)) == 1
+    listed = parse_label_config(CONFIG, {"instance_regions": ["cell"]})
+    assert listed.instance_regions == ("cell",) and listed.regions_per_instance("bg", True) is False
+    assert parse_label_config(CONFIG, {"instance_regions": True}).instance_regions == ("cell", "bg")
+    assert auto.config_hash != listed.config_hash  # changing the setting re-parses the stored config
+    for bad in ({"instance_regions": ["car"]}, {"instance_regions": "yes"}):
+        with pytest.raises(LabelConfigError, match="instance_regions"):
+            parse_label_config(CONFIG, bad)
