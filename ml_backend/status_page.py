@@ -75,6 +75,7 @@ class LabelRow:
     last_result: str | None = None  # what the last training did with this label
     pictures: dict[str, str] = field(default_factory=dict)  # kind -> URL path of the active version's picture
     clicks: str | None = None  # how clicks combine with the active policy, with its validation NoC@90
+    instances: str | None = None  # whether the active policy prompts per instance, with both validation mIoUs
 
 
 @dataclass
@@ -136,6 +137,21 @@ def _sidecar_metrics(settings: Settings, project_id: int, version: str | None) -
     if not isinstance(metrics, Mapping):
         return {}
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _instances(settings: Settings, project_id: int, version: str | None) -> str | None:
+    """``"per instance · val mIoU 0.856 (one mask 0.594)"``: the training's instance choice with both scores."""
+    meta = _sidecar(settings, project_id, version)
+    if not isinstance(meta.get("instances"), bool):
+        return None
+    chosen = "per instance" if meta["instances"] else "one mask"
+    split = meta.get("instance_metrics") if isinstance(meta.get("instance_metrics"), Mapping) else {}
+    branches = meta.get("candidates") if isinstance(meta.get("candidates"), Mapping) else {}
+    whole = branches.get(meta.get("branch")) if isinstance(branches.get(meta.get("branch")), Mapping) else {}
+    on, off = _float(split.get("miou")), _float(whole.get("miou"))
+    if on is None or off is None:
+        return chosen
+    return f"{chosen} · val mIoU per instance {on:.3f}, one mask {off:.3f}"
 
 
 def _clicks(settings: Settings, project_id: int, version: str | None) -> str | None:
@@ -219,6 +235,7 @@ def _label_rows(store: ProjectStore, settings: Settings, pid: int, labels: Seque
         row.miou, row.fr = metrics.get("miou"), metrics.get("fr")
         row.pictures = _pictures(settings, pid, label, version)
         row.clicks = _clicks(settings, pid, version)
+        row.instances = _instances(settings, pid, version)
         result = results.get(label) if isinstance(results.get(label), Mapping) else None
         if result is not None:
             row.last_result = str(result.get("status") or "")
@@ -342,7 +359,7 @@ def _labels_html(rows: Sequence[LabelRow]) -> str:
         return '<p class="muted">No labels in the label config.</p>'
     out = ['<table class="labels"><tr><th>label</th><th>active policy</th><th class="num">val mIoU</th>'
            '<th class="num">val FR</th><th>previous policy</th><th class="num">prev. mIoU</th>'
-           '<th class="num">prev. FR</th><th>last training</th><th>clicks</th></tr>']
+           '<th class="num">prev. FR</th><th>last training</th><th>instances</th><th>clicks</th></tr>']
     for r in rows:
         gain = ""
         if r.miou is not None and r.previous_miou is not None:
@@ -354,7 +371,7 @@ def _labels_html(rows: Sequence[LabelRow]) -> str:
             f'<td class="num">{_fmt(r.miou)}{gain}</td><td class="num">{_fmt(r.fr)}</td>'
             f'<td>{escape(r.previous_version or "–")}</td><td class="num">{_fmt(r.previous_miou)}</td>'
             f'<td class="num">{_fmt(r.previous_fr)}</td><td>{escape(r.last_result or "–")}</td>'
-            f'<td>{escape(r.clicks or "–")}</td></tr>')
+            f'<td>{escape(r.instances or "–")}</td><td>{escape(r.clicks or "–")}</td></tr>')
     out.append("</table>")
     captions = {"gallery": "validation gallery: image, ground truth, prediction with its points and IoU",
                 "curve": "learning curve: reward per episode per SRM branch, validation mIoU"}

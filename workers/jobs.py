@@ -368,8 +368,9 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
     policy = result.policy
     new_miou = float(policy.val_metrics["miou"])
     interactive = _choose_interactive(run, target, samples, result)
+    choices = {"candidates": result.candidates, "instance_metrics": result.instance_metrics}
     bundle = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id,
-                           extra=interactive)
+                           extra=jsonable({**interactive, **choices}))
     version = bundle.stem
     _draw_pictures(run, target.label, samples, result, bundle)
     # The active policy, validated on the same held-out images as the new one (its own recorded validation score
@@ -379,7 +380,8 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
     else:
         old_miou = bundle_miou(settings, run.project_id, target.label, old) if old else None
     entry = {"version": version, "val_miou": new_miou, "branch": policy.branch,
-             "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates, **interactive}
+             "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates,
+             "instances": policy.instances, "instance_metrics": result.instance_metrics, **interactive}
     if old is None or old_miou is None or new_miou >= old_miou:
         run.store.set_policy_version(run.project_id, target.label, version)
         entry["status"] = "activated"
