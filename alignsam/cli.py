@@ -56,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     sam = load_sam(args.sam_preset, args.sam_checkpoint, device, args.cache_dir)
     clip = load_clip(args.clip_preset, args.clip_pretrained, device) if args.branch != "implicit" else None
-    cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, steps=args.steps), branch=args.branch, seed=args.seed)
+    cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, steps=args.steps), branch=args.branch, seed=args.seed,
+                      instances=args.instances)
     print(f"training on {len(samples)} samples of {args.prompt!r} with SAM {sam.model_id} on {device}", file=sys.stderr)
     result = train(sam, samples, cfg, clip=clip, callback=progress_printer())
     meta = save_bundle(result.policy, args.out, sam, args.prompt,
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the target's text, e.g. 'shadow'")
     p.add_argument("--out", required=True, help="bundle path to write (.pt, plus a .json sidecar)")
     p.add_argument("--branch", choices=["implicit", "explicit", "auto"], default="auto")
+    p.add_argument("--instances", choices=["auto", "off", "on"], default="auto",
+                   help="prompt SAM once per instance of the SRM's map: auto = when it validates better")
     p.add_argument("--samples", type=int, default=None, help="use at most N samples")
     p.add_argument("--episodes", type=int, default=50, help="E (paper: 50)")
     p.add_argument("--steps", type=int, default=15, help="T (paper: 15)")

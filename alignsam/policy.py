@@ -31,9 +31,10 @@ class TrainConfig:
     val_fraction: float = 0.2
     rollout_batch: int = 64  # images per batched episode
     seed: int = 0
-    # Prompt SAM once per instance of the SRM's map (alignsam.instances): "auto" (validation decides, keeping the
-    # policy's own mask unless per-instance prompts score INSTANCE_MARGIN higher), "off", "on".
-    instances: Literal["auto", "off", "on"] = "auto"
+    # Prompt SAM once per instance of the SRM's map (alignsam.instances): "off" (the paper: the policy's own mask),
+    # "auto" (validation decides: per instance only when it scores INSTANCE_MARGIN higher; what the backend's
+    # training uses), "on".
+    instances: Literal["auto", "off", "on"] = "off"
 
     def env_config(self) -> EnvConfig:
         return EnvConfig(grid=self.grid, steps=self.ppo.steps, use_mask_input=self.use_mask_input)

@@ -91,12 +91,12 @@ def test_training_chooses_the_mode_by_validation_and_the_bundle_keeps_it(tmp_pat
     sam = FrozenSam.from_preset("tiny", seed=0)
     samples = bright_disc_samples(6, seed=2)
     base = TrainConfig(ppo=PPOConfig(episodes=2, steps=2, epochs=2), grid=(6, 6), branch="implicit", seed=3)
-    off = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "off"}))
-    assert off.instance_metrics is None and off.policy.instances is False
+    off = train(sam, samples, base)  # the paper's default
+    assert base.instances == "off" and off.instance_metrics is None and off.policy.instances is False
     on = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on"}))
     assert on.policy.instances is True and on.instance_metrics is not None
     assert on.policy.val_metrics["miou"] == on.instance_metrics["miou"]
-    auto = train(sam, samples, base)
+    auto = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "auto"}))
     assert auto.instance_metrics is not None
     chosen = auto.instance_metrics["miou"] >= auto.candidates["implicit"]["miou"] + 0.01
     assert auto.policy.instances is chosen

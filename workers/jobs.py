@@ -221,7 +221,9 @@ def train_config(settings: Settings) -> TrainConfig:
         ppo.steps = settings.train_steps
     if settings.train_epochs:
         ppo.epochs = settings.train_epochs
-    return TrainConfig(ppo=ppo, branch=settings.train_branch, val_fraction=settings.train_val_fraction)  # type: ignore[arg-type]
+    # Per-instance prompts are chosen per label by validation (alignsam.instances), like the SRM branch.
+    return TrainConfig(ppo=ppo, branch=settings.train_branch, val_fraction=settings.train_val_fraction,  # type: ignore[arg-type]
+                       instances="auto")
 
 
 def _training_set_fingerprint(tasks: list[dict[str, Any]], config: LabelConfig, cfg: TrainConfig) -> str:
