@@ -137,22 +137,40 @@ def main() -> None:
     ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--bundle-dir", default="/tmp/noc/cache", help="trained bundles (benchmarks/noc.py's cache)")
     ap.add_argument("--name", default="instances")
+    ap.add_argument("--collect", nargs="+", default=None, metavar="NAME",
+                    help="no model: merge the tasks of results files NAME.json (runs split over processes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, epochs=args.epochs), branch="implicit", seed=args.seed)
     Path(args.bundle_dir).mkdir(parents=True, exist_ok=True)
-    sam = load_sam("small", None, args.device)
-    sam.cache_size = max(sam.cache_size, args.test + args.val + 16)
-    results: dict[str, Any] = {"config": cfg.to_dict(), "sam": sam.model_id, "torch_threads": torch.get_num_threads(),
-                               "instance_margin": INSTANCE_MARGIN, "tasks": {}}
-    lines = []
+    results: dict[str, Any] = {"config": cfg.to_dict(), "torch_threads": torch.get_num_threads(),
+                               "instance_margin": INSTANCE_MARGIN, "tasks": {},
+                               "seeds": {"train": "train split 0-49", "val": "train split 50-79",
+                                         "test": f"test split 10000-{10000 + args.test - 1}"}}
+    if not args.collect:
+        sam = load_sam("small", None, args.device)
+        sam.cache_size = max(sam.cache_size, args.test + args.val + 16)
+        results["sam"] = sam.model_id
+    if args.collect:
+        for name in args.collect:
+            part = json.loads((RESULTS / f"{name}.json").read_text())["results"]
+            results["tasks"].update(part["tasks"])
+        results["collected_from"] = args.collect
+        write(args.name, results)
+        return
     for task in args.tasks:
-        r = run_task(sam, task, cfg, args)
-        results["tasks"][task] = r
-        for name, row in r["rows"].items():
-            lines.append((task, name, f"{row['miou']:.3f}", f"{row['fr']:.3f}", f"{row['instances_per_image']:.2f}",
-                          "", ""))
+        results["tasks"][task] = run_task(sam, task, cfg, args)
+        write(args.name, results)
+
+
+def write(name: str, results: dict[str, Any]) -> None:
+    """The results file and its Markdown table: every row of every task, then the chosen mode and the goals."""
+    lines = []
+    for task, r in results["tasks"].items():
+        for row_name, row in r["rows"].items():
+            lines.append((task, row_name, f"{row['miou']:.3f}", f"{row['fr']:.3f}",
+                          f"{row['instances_per_image']:.2f}", "", ""))
         g, m = r["goals"], r["met"]
         lines.append((task, f"**chosen: {r['val']['chosen']}** (val {r['val']['off']:.3f} / {r['val']['instances']:.3f})",
                       "", "", "", f"oracle {r['oracle_miou']:.3f}, ratio {g['over_oracle']:.3f}",
@@ -160,9 +178,8 @@ def main() -> None:
                       f"over w/o RL {g['miou_over_wo_rl']:+.3f} {'ok' if m['miou_over_wo_rl'] else 'MISS'}; "
                       f"over w/o SRM {g['miou_over_wo_srm']:+.3f} {'ok' if m['miou_over_wo_srm'] else 'MISS'}; "
                       f"0.90 oracle {'ok' if m['over_oracle'] else 'MISS'}"))
-        write_results(args.name, results, lines, ("task", "row", "mIoU", "FR", "instances / image", "oracle",
-                                                  "goals (chosen mode)"), out_dir=RESULTS)
-
+    write_results(name, results, lines, ("task", "row", "mIoU", "FR", "instances / image", "oracle",
+                                         "goals (chosen mode)"), out_dir=RESULTS)
 
 if __name__ == "__main__":
     main()
