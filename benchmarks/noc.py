@@ -161,6 +161,7 @@ def run_task(sam: Any, clip: Any, task: str, cfg: TrainConfig, args: argparse.Na
 
 def rows_of(r: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = []
+    task = r["task"] + (f" (PARTIAL: {r['n_test']} test, {r['n_val']} val scenes)" if r.get("partial") else "")
     for start, by_strategy in r["test"].items():
         for strategy, s in by_strategy.items():
             mark = ""
@@ -170,12 +171,12 @@ def rows_of(r: dict[str, Any]) -> list[tuple[str, ...]]:
                     mark = (mark + ", val choice)") if mark else " (val choice)"
                 elif mark:
                     mark += ")"
-            rows.append((r["task"], start, strategy + mark, f"{s['noc@85']:.2f}", f"{s['noc@90']:.2f}",
+            rows.append((task, start, strategy + mark, f"{s['noc@85']:.2f}", f"{s['noc@90']:.2f}",
                          f"{s['accepted_at_0@85']:.3f}", f"{s['accepted_at_0@90']:.3f}", f"{s['failed@85']:.3f}",
                          f"{s['failed@90']:.3f}", f"{s['miou_at_0']:.3f}", f"{s['miou_at_1']:.3f}"))
     g = r["goal"]
     for which in ("test_best", "val_chosen"):
-        rows.append((r["task"], f"goal: AlignSAM ({which.replace('_', ' ')}) / SAM alone NoC@90", g[which],
+        rows.append((task, f"goal: AlignSAM ({which.replace('_', ' ')}) / SAM alone NoC@90", g[which],
                      "", f"{g[f'{which}_noc@90']:.2f} / {g['sam_alone_noc@90']:.2f}",
                      f"ratio {g[f'{which}_ratio']:.3f}", "met" if g[f"{which}_met"] else "NOT met",
                      "", "", "", ""))
@@ -187,19 +188,26 @@ def collect(args: argparse.Namespace, results: dict[str, Any], cache: Path) -> N
     rows: list[tuple[str, ...]] = []
     results["collected_from"] = {}
     for task in args.tasks:
-        found = [p for p in sorted(cache.glob(f"result-{task.replace(':', '_')}-*.json"), key=lambda p: p.stat().st_mtime)
-                 if (r := json.loads(p.read_text()))["n_test"] == args.test and r["n_train"] == args.train]
+        files = sorted(cache.glob(f"result-{task.replace(':', '_')}-*.json"), key=lambda p: p.stat().st_mtime)
+        runs = [(p, json.loads(p.read_text())) for p in files]
+        runs = [(p, r) for p, r in runs if r["n_train"] == args.train]
+        # a full run (--test scenes) if there is one, else the newest smaller one, marked partial
+        found = [pr for pr in runs if pr[1]["n_test"] == args.test] or runs
         if not found:
             print(f"[{task}] no cached result in {cache}: run it first", flush=True)
             continue
-        r = json.loads(found[-1].read_text())
+        r = found[-1][1]
+        r["partial"] = r["n_test"] < args.test
+        if r["partial"]:
+            print(f"[{task}] PARTIAL: {r['n_test']} test scenes, not {args.test}", flush=True)
         results["tasks"][task] = r
-        results["collected_from"][task] = str(found[-1])
+        results["collected_from"][task] = str(found[-1][0])
         results["sam"] = results["sam"] or read_meta(r["bundle"]).get("sam_model_id")
         rows += rows_of(r)
     results["wall_s"] = sum(r.get("task_wall_s", 0.0) for r in results["tasks"].values())
     results["wall_s_note"] = "sum of the tasks' own wall times (they may have run in parallel processes)"
-    results["complete"] = len(results["tasks"]) == len(args.tasks)
+    results["complete"] = len(results["tasks"]) == len(args.tasks) and not any(
+        r["partial"] for r in results["tasks"].values())
     print(f"wrote {write_results(args.name, results, rows, HEADERS, RESULTS)} "
           f"({len(results['tasks'])} of {len(args.tasks)} tasks)")
 
