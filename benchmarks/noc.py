@@ -57,7 +57,10 @@ def _digest(obj: Any) -> str:
 
 def trained_bundle(sam: Any, task: str, cfg: TrainConfig, n_train: int, cache: Path) -> tuple[Any, dict[str, Any]]:
     """The policy for ``task`` from the cache, or trained now and cached. Returns (bundle, info)."""
-    key = _digest({"task": task, "n_train": n_train, "cfg": cfg.to_dict(), "sam": sam.model_id})
+    d = cfg.to_dict()
+    if d.get("instances") == "off":  # the default: the same training as bundles cached before the field existed
+        d.pop("instances")
+    key = _digest({"task": task, "n_train": n_train, "cfg": d, "sam": sam.model_id})
     path = cache / f"{task.replace(':', '_')}-{key}.pt"
     info: dict[str, Any] = {"bundle": str(path)}
     if path.is_file():
@@ -109,9 +112,11 @@ def run_task(sam: Any, clip: Any, task: str, cfg: TrainConfig, args: argparse.Na
     t0 = time.perf_counter()
     v_images, v_gts = [s.image for s in val], [s.mask for s in val]
     v_embs = sam.embed_many(v_images)
-    v_preds = model.predict(v_images)
+    split = {"off": False, "on": True, "auto": None}[args.instances]
+    v_preds = model.predict(v_images, instances=split)
     best_val, v_scores = choose_strategy(sam, v_embs, v_gts, [p.mask for p in v_preds],
-                                         [as_start(p) for p in v_preds], STRATEGIES, args.max_clicks, THRESHOLDS)
+                                         [as_start(p) for p in v_preds], args.strategies, args.max_clicks,
+                                         THRESHOLDS)
     out["val"] = {"chosen": best_val, "scores": v_scores, "s": time.perf_counter() - t0}
     print(f"[{task}] val choice {best_val} (NoC@90 {v_scores[best_val]['noc@90']:.2f}); "
           f"{out['val']['s']:.0f} s", flush=True)
@@ -119,13 +124,13 @@ def run_task(sam: Any, clip: Any, task: str, cfg: TrainConfig, args: argparse.Na
     images, gts = [s.image for s in test], [s.mask for s in test]
     t0 = time.perf_counter()
     embs = sam.embed_many(images)
-    a_preds = model.predict(images)
+    a_preds = model.predict(images, instances=split)
     z_preds = zs.predict(images, text)
     out["predict_s"] = time.perf_counter() - t0
     runs: list[tuple[str, str, list[np.ndarray] | list[None], list[Start] | None]] = [
         ("SAM alone", "clicks", [None] * len(images), None)]
     runs += [("zero-shot", s, [p.mask for p in z_preds], [as_start(p) for p in z_preds]) for s in args.zs_strategies]
-    runs += [("AlignSAM", s, [p.mask for p in a_preds], [as_start(p) for p in a_preds]) for s in STRATEGIES]
+    runs += [("AlignSAM", s, [p.mask for p in a_preds], [as_start(p) for p in a_preds]) for s in args.strategies]
     out["srm_absent_share"] = float(np.mean([p.low_res is None for p in a_preds]))
     for start, strategy, masks, starts in runs:
         t1 = time.perf_counter()
@@ -223,6 +228,11 @@ def main() -> None:
     ap.add_argument("--branch", default="implicit", choices=["auto", "implicit", "explicit"])
     ap.add_argument("--max-clicks", type=int, default=20)
     ap.add_argument("--zs-strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES),
+                    help="the AlignSAM start's strategies (default all)")
+    ap.add_argument("--instances", choices=["off", "on", "auto"], default="off",
+                    help="the AlignSAM pre-label with SAM prompted once per instance (alignsam.instances): on, off "
+                    "(the paper's single mask, default), auto (what the bundle chose)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--device", default=resolve_device("auto"))

@@ -79,6 +79,9 @@ def run_task(
         weights, so its maps carry no text meaning.
       baselines: also the PerSAM-style baseline and the oracle clicker.
       seed: for the w/o-RL ablation's random actions.
+
+    With ``cfg.instances`` "auto" / "on" and per-instance prompts kept (``out["instances"]``), every row of the
+    table uses them; ``out["one_mask_miou"]`` is AlignSAM with the policy's own mask on the same test scenes.
     """
     train_samples = task_samples(task, "train", n_train)
     test_samples = task_samples(task, "test", n_test)
@@ -87,9 +90,14 @@ def run_task(
     train_s = time.perf_counter() - t0
     p = result.policy
     text = train_samples[0].text
-    model = AlignSAM(sam, Bundle(p.agent, p.srm, p.config, {"text": text, "version": "quality", "branch": p.branch}), clip)
+    meta = {"text": text, "version": "quality", "branch": p.branch, "instances": p.instances}
+    model = AlignSAM(sam, Bundle(p.agent, p.srm, p.config, meta), clip)
     t1 = time.perf_counter()
-    table = evaluate(model, test_samples, ablations=True, seed=seed)
+    table = evaluate(model, test_samples, ablations=True, seed=seed)  # every row in the mode validation chose
+    one_mask = table["AlignSAM"]["miou"]
+    if p.instances:  # what the policy's own mask would have scored
+        one_mask = metrics.miou([q.probs for q in model.predict([s.image for s in test_samples], instances=False)],
+                                [s.mask for s in test_samples])
     if baselines:
         gts = [s.mask for s in test_samples]
         train_enc = encode(sam, [s.image for s in train_samples], masks=[s.mask for s in train_samples])
@@ -105,6 +113,7 @@ def run_task(
         "task": task, "text": text, "n_train": n_train, "n_test": n_test, "branch": p.branch,
         "candidates": result.candidates, "train_s": train_s, "eval_s": time.perf_counter() - t1,
         "train_timings": vars(result.timings), "table": table,
+        "instances": p.instances, "instance_metrics": result.instance_metrics, "one_mask_miou": one_mask,
     }
     if "oracle clicker" in table:
         out["alignsam_over_oracle_miou"] = table["AlignSAM"]["miou"] / max(table["oracle clicker"]["miou"], 1e-9)
