@@ -156,6 +156,8 @@ def main() -> None:
         for name in args.collect:
             part = json.loads((RESULTS / f"{name}.json").read_text())["results"]
             results["tasks"].update(part["tasks"])
+            results["torch_threads"] = part.get("torch_threads")  # what the runs used, not this merge
+            results["sam"] = part.get("sam")
         results["collected_from"] = args.collect
         write(args.name, results)
         return
