@@ -56,15 +56,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     sam = load_sam(args.sam_preset, args.sam_checkpoint, device, args.cache_dir)
     clip = load_clip(args.clip_preset, args.clip_pretrained, device) if args.branch != "implicit" else None
+    grid, *more = args.grids
     cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, steps=args.steps), branch=args.branch, seed=args.seed,
-                      instances=args.instances)
+                      instances=args.instances, grid=grid, grids=tuple(more))
     print(f"training on {len(samples)} samples of {args.prompt!r} with SAM {sam.model_id} on {device}", file=sys.stderr)
     result = train(sam, samples, cfg, clip=clip, callback=progress_printer())
     meta = save_bundle(result.policy, args.out, sam, args.prompt,
                        clip_model=args.clip_preset if result.policy.branch == "explicit" else None)
     print(json.dumps({"bundle": str(args.out), "version": meta["version"], "branch": meta["branch"],
-                      "validation": meta["val_metrics"], "candidates": result.candidates}, indent=2))
+                      "grid": meta["grid"], "validation": meta["val_metrics"], "candidates": result.candidates},
+                     indent=2))
     return 0
+
+
+def _grid(text: str) -> tuple[int, int]:
+    """``"16x16"`` -> ``(16, 16)`` (argparse type; raises ArgumentTypeError)."""
+    rows, sep, cols = text.lower().partition("x")
+    if not sep or not rows.isdigit() or not cols.isdigit() or int(rows) < 2 or int(cols) < 2:
+        raise argparse.ArgumentTypeError(f"an action grid is <rows>x<cols>, at least 2x2, e.g. 16x16; got {text!r}")
+    return int(rows), int(cols)
 
 
 def _load_model(args: argparse.Namespace):
@@ -157,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branch", choices=["implicit", "explicit", "auto"], default="auto")
     p.add_argument("--instances", choices=["auto", "off", "on"], default="auto",
                    help="prompt SAM once per instance of the SRM's map: auto = when it validates better")
+    p.add_argument("--grids", nargs="+", type=_grid, default=[(10, 10)], metavar="RxC",
+                   help="action grids to train and validate, e.g. 10x10 16x16 (paper: 10x10); the best is kept")
     p.add_argument("--samples", type=int, default=None, help="use at most N samples")
     p.add_argument("--episodes", type=int, default=50, help="E (paper: 50)")
     p.add_argument("--steps", type=int, default=15, help="T (paper: 15)")

@@ -118,7 +118,8 @@ def learning_curve(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: s
     """Draws the learning curve of one training run as a PNG at ``path``.
 
     Arguments:
-      histories: SRM branch -> one record per episode with ``episode`` and ``reward`` (and ``foreground_rate``),
+      histories: candidate (SRM branch, ``"<branch> <rows>x<cols>"`` on another action grid: see
+        :func:`alignsam.train.candidate_name`) -> one record per episode with ``episode`` and ``reward`` (and ``foreground_rate``),
         as in :attr:`alignsam.train.TrainResult.histories`; one line per branch.
       candidates: branch -> validation metrics (``miou``), as in :attr:`~alignsam.train.TrainResult.candidates`:
         drawn as one point per branch at its last episode (validation runs once, after training).
@@ -138,11 +139,13 @@ def learning_curve(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: s
     for branch, records in histories.items():
         if not records:
             continue
-        color = colors.get(branch, "#555555")
+        color = colors.get(branch.split(" ")[0], "#555555")
         width = 2.6 if branch == chosen else 1.3
+        style = "-" if " " not in branch else "--"  # another action grid than the configured one
         name = f"{branch} (chosen)" if branch == chosen else branch
         episodes = [int(r["episode"]) for r in records]
-        ax_reward.plot(episodes, [float(r["reward"]) for r in records], color=color, lw=width, marker=".", label=name)
+        ax_reward.plot(episodes, [float(r["reward"]) for r in records], color=color, lw=width, ls=style, marker=".",
+                       label=name)
         if all("foreground_rate" in r for r in records):
             ax_val.plot(episodes, [float(r["foreground_rate"]) for r in records], color=color, lw=width, alpha=0.6,
                         ls=":", label=f"{branch} training FR")

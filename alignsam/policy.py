@@ -19,6 +19,11 @@ class TrainConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     srm: SRMConfig = field(default_factory=SRMConfig)
     grid: tuple[int, int] = (10, 10)
+    # Further action grids to train and validate besides ``grid`` (e.g. ``((16, 16),)``): every SRM branch is trained
+    # once per grid on the same SAM embeddings and the one that validates best is kept, like the branch. Each grid
+    # costs one more run of the agent's training (its rollouts decode T prompts per image whatever the grid; only
+    # the agent's action head grows); inference is unchanged: T decodes per image. See benchmarks/results/grid.md.
+    grids: tuple[tuple[int, int], ...] = ()
     branch: Literal["implicit", "explicit", "auto"] = "auto"
     agent_hidden: int = 16
     # r: SAM embedding channels the agent keeps (a fixed projection fitted per run; None: all). See
@@ -49,6 +54,8 @@ class TrainConfig:
         srm = SRMConfig(**d.pop("srm", {}))
         if "grid" in d:
             d["grid"] = tuple(d["grid"])
+        if "grids" in d:
+            d["grids"] = tuple(tuple(g) for g in d["grids"])
         return cls(ppo=ppo, srm=srm, **d)
 
 

@@ -9,7 +9,8 @@ buffers hold image indices and masks, not embeddings.
 
 A validation split is held out. With ``branch="auto"`` both SRM branches are trained and the one
 whose policy validates better (mIoU) is kept: the paper picks the branch per task by hand, we pick
-by measurement.
+by measurement. ``TrainConfig.grids`` adds action grids to the same choice (the paper fixes 10 x 10): every branch
+is trained on every grid, on the same embeddings, and the best-validating (branch, grid) pair is kept.
 """
 
 from __future__ import annotations
@@ -92,6 +93,28 @@ class TrainResult:
     # The chosen branch with SAM prompted once per instance (alignsam.instances), on the same images; None when
     # ``TrainConfig.instances`` is "off". ``policy.instances`` says whether it was kept.
     instance_metrics: dict[str, float] | None = None
+    chosen: str = ""  # the key of ``candidates`` the policy is (:func:`candidate_name`)
+
+
+def candidate_name(branch: str, grid: Sequence[int], default_grid: Sequence[int]) -> str:
+    """A candidate's key in :attr:`TrainResult.candidates` and ``histories``: the branch alone on the configured
+    grid (what runs without ``TrainConfig.grids`` have always written), ``"<branch> <rows>x<cols>"`` on another."""
+    if tuple(grid) == tuple(default_grid):
+        return branch
+    return f"{branch} {grid[0]}x{grid[1]}"
+
+
+def action_grids(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """The action grids a run trains: ``cfg.grid`` first, then ``cfg.grids`` (duplicates dropped).
+
+    Raises:
+      DataError: a grid that is not two positive integers.
+    """
+    grids = list(dict.fromkeys([tuple(cfg.grid), *(tuple(g) for g in cfg.grids)]))
+    for g in grids:
+        if len(g) != 2 or not all(isinstance(n, int) and n > 0 for n in g):
+            raise DataError(f"an action grid is two positive integers (rows, cols), not {g!r}")
+    return grids  # type: ignore[return-value]
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -371,25 +394,34 @@ def train(
     candidates: dict[str, dict[str, float]] = {}
     histories: dict[str, list[dict]] = {}
     best: TrainedPolicy | None = None
-    for branch in branches:
-        agent, srm, hist = train_branch(sam, enc, srm_in, train_idx, branch, cfg, timings, callback, t0)
-        if callback:
-            callback(Progress(stage="validating", branch=branch, elapsed_s=time.perf_counter() - t0))
-        with clock("validation"):
-            metrics = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg)
-        metrics["on"] = "validation" if val_idx else "training"  # type: ignore[assignment]
-        candidates[branch] = metrics
-        histories[branch] = hist
-        logger.info("branch %s: %s", branch, metrics)
-        if best is None or metrics["miou"] > best.val_metrics["miou"]:
-            best = TrainedPolicy(agent, srm, branch, cfg, metrics, [samples[i].name for i in train_idx], hist)
+    chosen = ""
+    for grid in action_grids(cfg):
+        # Each grid's policy keeps only its own grid in its config: that is what inference and bundles read.
+        cfg_g = replace(cfg, grid=grid, grids=())
+        for branch in branches:
+            name = candidate_name(branch, grid, cfg.grid)
+            report = _renamed(callback, name) if callback and name != branch else callback
+            agent, srm, hist = train_branch(sam, enc, srm_in, train_idx, branch, cfg_g, timings, report, t0)
+            for record in hist:
+                record["branch"] = name
+            if callback:
+                callback(Progress(stage="validating", branch=name, elapsed_s=time.perf_counter() - t0))
+            with clock("validation"):
+                metrics = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg_g)
+            metrics["on"] = "validation" if val_idx else "training"  # type: ignore[assignment]
+            candidates[name] = metrics
+            histories[name] = hist
+            logger.info("candidate %s: %s", name, metrics)
+            if best is None or metrics["miou"] > best.val_metrics["miou"]:
+                best = TrainedPolicy(agent, srm, branch, cfg_g, metrics, [samples[i].name for i in train_idx], hist)
+                chosen = name
     assert best is not None
     instance_metrics = None
     if cfg.instances != "off":
         # Every instance of the SRM's map prompted on its own (alignsam.instances): kept only when it validates
         # clearly better than the policy's own mask (or when asked for), on the same held-out images.
         with clock("validation"):
-            split = evaluate_policy(sam, enc, srm_in, best.agent, best.srm, held_out, cfg, instances=True)
+            split = evaluate_policy(sam, enc, srm_in, best.agent, best.srm, held_out, best.config, instances=True)
         split["on"] = best.val_metrics.get("on", "validation")  # type: ignore[assignment]
         instance_metrics = split
         if cfg.instances == "on" or split["miou"] >= best.val_metrics["miou"] + INSTANCE_MARGIN:
@@ -414,4 +446,11 @@ def train(
         callback(Progress(stage="done", branch=best.branch, val_miou=best.val_metrics["miou"],
                           elapsed_s=time.perf_counter() - t0))
     return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics,
-                       histories, [samples[i].name for i in held_out], instance_metrics)
+                       histories, [samples[i].name for i in held_out], instance_metrics, chosen)
+
+
+def _renamed(callback: Callable[[Progress], None], name: str) -> Callable[[Progress], None]:
+    """``callback`` seeing ``name`` (a candidate on another grid) as the branch of every report."""
+    def report(p: Progress) -> None:
+        callback(replace(p, branch=name))
+    return report

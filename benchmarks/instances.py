@@ -69,16 +69,27 @@ def policy_for(sam: Any, task: str, cfg: TrainConfig, n_train: int, bundle_dir: 
     t0 = time.perf_counter()
     result = train(sam, samples, dataclasses.replace(cfg, instances="off"))
     train_s = time.perf_counter() - t0
-    path = bundle_dir / f"{task.replace(':', '_')}-instances-bench.pt"
+    path = bundle_dir / f"{task.replace(':', '_')}-instances-bench{variant_suffix(cfg)}.pt"
     save_bundle(result.policy, path, sam, samples[0].text, extra={"train_s": train_s, "task": task})
     return load_bundle(path, sam, device=sam.device), {"bundle": str(path), "cached": False, "train_s": train_s}
 
 
-def table(model: AlignSAM, samples: list[Any], seed: int) -> dict[str, dict[str, float]]:
-    """mIoU and FR of each row in both modes."""
+def variant_suffix(cfg: TrainConfig) -> str:
+    """The bundle file's suffix for a training other than the paper's 10 x 10 grid without mask feedback ("" for
+    that one, so the caches of earlier runs keep their names)."""
+    parts = [] if tuple(cfg.grid) == (10, 10) else [f"grid{cfg.grid[0]}x{cfg.grid[1]}"]
+    if cfg.use_mask_input:
+        parts.append("maskinput")
+    return "".join(f"-{p}" for p in parts)
+
+
+def table(model: AlignSAM, samples: list[Any], seed: int, rows: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """mIoU and FR of each row (``rows``: a subset of ``ROWS``; None: all) in both modes."""
     images, gts = [s.image for s in samples], [s.mask for s in samples]
     out: dict[str, dict[str, float]] = {}
     for name, kwargs in ROWS.items():
+        if rows is not None and name not in rows:
+            continue
         for split in (False, True):
             preds = model.predict(images, generator=torch.Generator().manual_seed(seed), instances=split,
                                   **kwargs)  # type: ignore[arg-type]
@@ -101,22 +112,25 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
     val_off = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=False)], val_gts)
     val_on = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=True)], val_gts)
     chosen = val_on >= val_off + INSTANCE_MARGIN
-    rows = table(model, test, args.seed)
+    rows = table(model, test, args.seed, args.rows)
     enc = encode(sam, [s.image for s in test], masks=[s.mask for s in test])
     probs, _ = oracle_predict(sam, enc, cfg.ppo.steps)
     oracle = metrics.miou([p.cpu().numpy() for p in probs], [s.mask for s in test])
     mode = " + instances" if chosen else ""
     ours = rows[f"AlignSAM{mode}"]
-    goals = {
-        "fr_over_random": ours["fr"] - rows[f"w/o RL{mode}"]["fr"],
-        "miou_over_wo_rl": ours["miou"] - rows[f"w/o RL{mode}"]["miou"],
-        "miou_over_wo_srm": ours["miou"] - rows[f"w/o SRM{mode}"]["miou"],
-        "over_oracle": ours["miou"] / max(oracle, 1e-9),
-    }
-    met = {"fr_over_random": goals["fr_over_random"] >= 0.10, "miou_over_wo_rl": goals["miou_over_wo_rl"] >= 0.05,
-           "miou_over_wo_srm": goals["miou_over_wo_srm"] >= 0.05, "over_oracle": goals["over_oracle"] >= 0.90}
-    out = {"task": task, **info, "val": {"off": val_off, "instances": val_on, "chosen": "instances" if chosen
-                                         else "off", "n": len(val)},
+    goals: dict[str, float] = {"over_oracle": ours["miou"] / max(oracle, 1e-9)}
+    met = {"over_oracle": goals["over_oracle"] >= 0.90}
+    if f"w/o RL{mode}" in rows and f"w/o SRM{mode}" in rows:
+        goals = {
+            "fr_over_random": ours["fr"] - rows[f"w/o RL{mode}"]["fr"],
+            "miou_over_wo_rl": ours["miou"] - rows[f"w/o RL{mode}"]["miou"],
+            "miou_over_wo_srm": ours["miou"] - rows[f"w/o SRM{mode}"]["miou"],
+            **goals,
+        }
+        met.update(fr_over_random=goals["fr_over_random"] >= 0.10, miou_over_wo_rl=goals["miou_over_wo_rl"] >= 0.05,
+                   miou_over_wo_srm=goals["miou_over_wo_srm"] >= 0.05)
+    out = {"task": task, **info, "grid": list(cfg.grid), "use_mask_input": cfg.use_mask_input,
+           "val": {"off": val_off, "instances": val_on, "chosen": "instances" if chosen else "off", "n": len(val)},
            "rows": rows, "oracle_miou": oracle, "goals": goals, "met": met, "eval_s": time.perf_counter() - t0}
     print(f"[{task}] val off {val_off:.3f} / instances {val_on:.3f} -> {out['val']['chosen']}; test AlignSAM "
           f"{rows['AlignSAM']['miou']:.3f} / + instances {rows['AlignSAM + instances']['miou']:.3f}; oracle "
@@ -136,13 +150,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--bundle-dir", default="/tmp/noc/cache", help="trained bundles (benchmarks/noc.py's cache)")
+    ap.add_argument("--grid", type=int, nargs=2, default=(10, 10), metavar=("ROWS", "COLS"),
+                    help="the action grid (the paper: 10 10)")
+    ap.add_argument("--mask-input", action="store_true", help="feed the previous low-res logits back to SAM")
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
+                    help="table rows to evaluate (default: all; the goals need all three)")
     ap.add_argument("--name", default="instances")
     ap.add_argument("--collect", nargs="+", default=None, metavar="NAME",
                     help="no model: merge the tasks of results files NAME.json (runs split over processes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, epochs=args.epochs), branch="implicit", seed=args.seed)
+    cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, epochs=args.epochs), branch="implicit", seed=args.seed,
+                      grid=tuple(args.grid), use_mask_input=args.mask_input)
     Path(args.bundle_dir).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": cfg.to_dict(), "torch_threads": torch.get_num_threads(),
                                "instance_margin": INSTANCE_MARGIN, "tasks": {},
@@ -174,12 +194,13 @@ def write(name: str, results: dict[str, Any]) -> None:
             lines.append((task, row_name, f"{row['miou']:.3f}", f"{row['fr']:.3f}",
                           f"{row['instances_per_image']:.2f}", "", ""))
         g, m = r["goals"], r["met"]
+        ablations = (f"FR-random {g['fr_over_random']:+.3f} {'ok' if m['fr_over_random'] else 'MISS'}; "
+                     f"over w/o RL {g['miou_over_wo_rl']:+.3f} {'ok' if m['miou_over_wo_rl'] else 'MISS'}; "
+                     f"over w/o SRM {g['miou_over_wo_srm']:+.3f} {'ok' if m['miou_over_wo_srm'] else 'MISS'}; "
+                     ) if "fr_over_random" in g else "ablations not run; "
         lines.append((task, f"**chosen: {r['val']['chosen']}** (val {r['val']['off']:.3f} / {r['val']['instances']:.3f})",
                       "", "", "", f"oracle {r['oracle_miou']:.3f}, ratio {g['over_oracle']:.3f}",
-                      f"FR-random {g['fr_over_random']:+.3f} {'ok' if m['fr_over_random'] else 'MISS'}; "
-                      f"over w/o RL {g['miou_over_wo_rl']:+.3f} {'ok' if m['miou_over_wo_rl'] else 'MISS'}; "
-                      f"over w/o SRM {g['miou_over_wo_srm']:+.3f} {'ok' if m['miou_over_wo_srm'] else 'MISS'}; "
-                      f"0.90 oracle {'ok' if m['over_oracle'] else 'MISS'}"))
+                      f"{ablations}0.90 oracle {'ok' if m['over_oracle'] else 'MISS'}"))
     write_results(name, results, lines, ("task", "row", "mIoU", "FR", "instances / image", "oracle",
                                          "goals (chosen mode)"), out_dir=RESULTS)
 

@@ -20,6 +20,31 @@ INTERACTIVE_STRATEGIES = ("auto", "clicks", "policy", "policy-drop-near", "polic
 """``INTERACTIVE_STRATEGY``'s values: ``auto`` and :data:`alignsam.interactive.STRATEGIES` (a test pins the two)."""
 
 
+MAX_GRID = 32
+"""Most patches per side of an action grid: beyond that the cells are smaller than SAM's own embedding cells."""
+
+
+def parse_grids(value: str) -> list[tuple[int, int]]:
+    """``"10x10,16x16"`` -> ``[(10, 10), (16, 16)]`` (duplicates dropped, order kept).
+
+    Raises:
+      ValueError: an empty list, or an entry that is not ``<rows>x<cols>`` with both in 2..MAX_GRID.
+    """
+    grids: list[tuple[int, int]] = []
+    for item in value.replace(" ", "").lower().split(","):
+        if not item:
+            continue
+        rows, sep, cols = item.partition("x")
+        if not sep or not rows.isdigit() or not cols.isdigit() or not (2 <= int(rows) <= MAX_GRID
+                                                                     and 2 <= int(cols) <= MAX_GRID):
+            raise ValueError(f"TRAIN_GRIDS takes grids such as 10x10,16x16 (2 to {MAX_GRID} per side), got {item!r}")
+        if (int(rows), int(cols)) not in grids:
+            grids.append((int(rows), int(cols)))
+    if not grids:
+        raise ValueError("TRAIN_GRIDS needs at least one grid, such as 10x10")
+    return grids
+
+
 class Settings(BaseSettings):
     """Configuration of ``ml_backend`` (no model is loaded in this process)."""
 
@@ -205,6 +230,10 @@ class Settings(BaseSettings):
     train_epochs: int | None = Field(default=None, ge=1, description="PPO epochs K (unset: paper's 20).")
     train_branch: str = Field(default="auto", description="SRM branch: auto (chosen by validation) | implicit | "
                               "explicit.")
+    train_grids: str = Field(
+        default="10x10", description="Action grids (rows x cols, comma-separated) each SRM branch is trained on; the "
+        "pair that validates best is kept per label. The first is the reference; each more grid adds one training run "
+        "per branch (inference cost unchanged).")
     train_val_fraction: float = Field(default=0.2, ge=0, lt=1, description="Labelled tasks held out to validate.")
     train_min_label_examples: int = Field(
         default=5, ge=1, description="A label gets a policy only with at least this many annotated images."
@@ -230,6 +259,17 @@ class Settings(BaseSettings):
         if value not in INTERACTIVE_STRATEGIES:
             raise ValueError(f"INTERACTIVE_STRATEGY must be one of {', '.join(INTERACTIVE_STRATEGIES)}, got {value!r}")
         return value
+
+    @field_validator("train_grids")
+    @classmethod
+    def _check_grids(cls, value: str) -> str:
+        parse_grids(value)
+        return ",".join(f"{r}x{c}" for r, c in parse_grids(value))
+
+    @property
+    def train_grid_list(self) -> list[tuple[int, int]]:
+        """TRAIN_GRIDS as ``[(rows, cols), ...]``, the reference grid first."""
+        return parse_grids(self.train_grids)
 
     @field_validator("label_studio_url")
     @classmethod

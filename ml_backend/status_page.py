@@ -76,6 +76,7 @@ class LabelRow:
     pictures: dict[str, str] = field(default_factory=dict)  # kind -> URL path of the active version's picture
     clicks: str | None = None  # how clicks combine with the active policy, with its validation NoC@90
     instances: str | None = None  # whether the active policy prompts per instance, with both validation mIoUs
+    candidates: str | None = None  # every (SRM branch, action grid) trained, with its validation mIoU; the kept one
 
 
 @dataclass
@@ -147,11 +148,27 @@ def _instances(settings: Settings, project_id: int, version: str | None) -> str 
     chosen = "per instance" if meta["instances"] else "one mask"
     split = meta.get("instance_metrics") if isinstance(meta.get("instance_metrics"), Mapping) else {}
     branches = meta.get("candidates") if isinstance(meta.get("candidates"), Mapping) else {}
-    whole = branches.get(meta.get("branch")) if isinstance(branches.get(meta.get("branch")), Mapping) else {}
+    kept = meta.get("chosen_candidate") or meta.get("branch")
+    whole = branches.get(kept) if isinstance(branches.get(kept), Mapping) else {}
     on, off = _float(split.get("miou")), _float(whole.get("miou"))
     if on is None or off is None:
         return chosen
     return f"{chosen} · val mIoU per instance {on:.3f}, one mask {off:.3f}"
+
+
+def _candidates(settings: Settings, project_id: int, version: str | None) -> str | None:
+    """``"implicit 0.612 (kept) · explicit 0.583 · implicit 16x16 0.601"``: every (SRM branch, action grid) the
+    training validated, with its mIoU (one mask); None for bundles without candidates."""
+    meta = _sidecar(settings, project_id, version)
+    branches = meta.get("candidates")
+    if not isinstance(branches, Mapping) or not branches:
+        return None
+    kept = meta.get("chosen_candidate") or meta.get("branch")
+    parts = []
+    for name, metrics in branches.items():
+        miou = _float(metrics.get("miou")) if isinstance(metrics, Mapping) else None
+        parts.append(f"{name} {_fmt(miou)}" + (" (kept)" if name == kept else ""))
+    return " · ".join(parts)
 
 
 def _clicks(settings: Settings, project_id: int, version: str | None) -> str | None:
@@ -236,6 +253,7 @@ def _label_rows(store: ProjectStore, settings: Settings, pid: int, labels: Seque
         row.pictures = _pictures(settings, pid, label, version)
         row.clicks = _clicks(settings, pid, version)
         row.instances = _instances(settings, pid, version)
+        row.candidates = _candidates(settings, pid, version)
         result = results.get(label) if isinstance(results.get(label), Mapping) else None
         if result is not None:
             row.last_result = str(result.get("status") or "")
@@ -359,7 +377,8 @@ def _labels_html(rows: Sequence[LabelRow]) -> str:
         return '<p class="muted">No labels in the label config.</p>'
     out = ['<table class="labels"><tr><th>label</th><th>active policy</th><th class="num">val mIoU</th>'
            '<th class="num">val FR</th><th>previous policy</th><th class="num">prev. mIoU</th>'
-           '<th class="num">prev. FR</th><th>last training</th><th>instances</th><th>clicks</th></tr>']
+           '<th class="num">prev. FR</th><th>last training</th><th>SRM · grid (val mIoU)</th><th>instances</th>'
+           '<th>clicks</th></tr>']
     for r in rows:
         gain = ""
         if r.miou is not None and r.previous_miou is not None:
@@ -371,7 +390,7 @@ def _labels_html(rows: Sequence[LabelRow]) -> str:
             f'<td class="num">{_fmt(r.miou)}{gain}</td><td class="num">{_fmt(r.fr)}</td>'
             f'<td>{escape(r.previous_version or "–")}</td><td class="num">{_fmt(r.previous_miou)}</td>'
             f'<td class="num">{_fmt(r.previous_fr)}</td><td>{escape(r.last_result or "–")}</td>'
-            f'<td>{escape(r.instances or "–")}</td><td>{escape(r.clicks or "–")}</td></tr>')
+            f'<td>{escape(r.candidates or "–")}</td><td>{escape(r.instances or "–")}</td><td>{escape(r.clicks or "–")}</td></tr>')
     out.append("</table>")
     captions = {"gallery": "validation gallery: image, ground truth, prediction with its points and IoU",
                 "curve": "learning curve: reward per episode per SRM branch, validation mIoU"}

@@ -221,9 +221,10 @@ def train_config(settings: Settings) -> TrainConfig:
         ppo.steps = settings.train_steps
     if settings.train_epochs:
         ppo.epochs = settings.train_epochs
-    # Per-instance prompts are chosen per label by validation (alignsam.instances), like the SRM branch.
+    # Per-instance prompts and the action grid are chosen per label by validation, like the SRM branch.
+    grid, *more = settings.train_grid_list
     return TrainConfig(ppo=ppo, branch=settings.train_branch, val_fraction=settings.train_val_fraction,  # type: ignore[arg-type]
-                       instances="auto")
+                       instances="auto", grid=grid, grids=tuple(more))
 
 
 def _training_set_fingerprint(tasks: list[dict[str, Any]], config: LabelConfig, cfg: TrainConfig) -> str:
@@ -370,7 +371,8 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
     policy = result.policy
     new_miou = float(policy.val_metrics["miou"])
     interactive = _choose_interactive(run, target, samples, result)
-    choices = {"candidates": result.candidates, "instance_metrics": result.instance_metrics}
+    choices = {"candidates": result.candidates, "chosen_candidate": result.chosen or policy.branch,
+               "instance_metrics": result.instance_metrics}
     bundle = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id,
                            extra=jsonable({**interactive, **choices}))
     version = bundle.stem
@@ -383,6 +385,7 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
         old_miou = bundle_miou(settings, run.project_id, target.label, old) if old else None
     entry = {"version": version, "val_miou": new_miou, "branch": policy.branch,
              "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates,
+             "chosen_candidate": choices["chosen_candidate"], "grid": list(policy.config.grid),
              "instances": policy.instances, "instance_metrics": result.instance_metrics, **interactive}
     if old is None or old_miou is None or new_miou >= old_miou:
         run.store.set_policy_version(run.project_id, target.label, version)
@@ -443,7 +446,7 @@ def _draw_pictures(run: _TrainingRun, label: str, samples: Sequence[Sample], res
 
         version = bundle.stem
         title = f"project {run.project_id} · {label} · {version}"
-        chosen = result.policy.branch
+        chosen = result.chosen or result.policy.branch
         curve = bundle.with_name(picture_name(version, "curve"))
         learning_curve(result.histories or {chosen: result.policy.history}, curve, candidates=result.candidates,
                        chosen=chosen, baseline=result.baseline_metrics, title=title)
@@ -454,7 +457,8 @@ def _draw_pictures(run: _TrainingRun, label: str, samples: Sequence[Sample], res
         model = AlignSAM.from_bundle(bundle, run.m.sam, clip=run.m.clip)
         predictions = model.predict([s.image for s in shown])
         path = bundle.with_name(picture_name(version, "gallery"))
-        gallery(shown, predictions, path, title=f"{title} · {chosen} SRM · {on} images")
+        grid = "x".join(str(n) for n in result.policy.config.grid)
+        gallery(shown, predictions, path, title=f"{title} · {result.policy.branch} SRM · {grid} grid · {on} images")
         private_file(path)
     except Exception as exc:
         logger.warning("project %s label %s: the training's pictures were not drawn (%s: %s)", run.project_id,

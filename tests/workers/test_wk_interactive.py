@@ -90,7 +90,7 @@ def test_clicks_are_answered_while_the_worker_trains_and_a_policy_label_starts_f
     ticket = start_training(client, project_id)
     # A fixed strategy that starts from the pre-label (auto would use the training's choice, which may be "clicks").
     worker = WorkerProcess(worker_env(redis_url, model_dir, SAM_PRESET="small", REDIS_KEY_PREFIX=PREFIX,
-                                      TRAIN_EPISODES="6", TRAIN_STEPS="3", TRAIN_EPOCHS="2",
+                                      TRAIN_EPISODES="6", TRAIN_STEPS="3", TRAIN_EPOCHS="2", TRAIN_GRIDS="10x10,8x8",
                                       INTERACTIVE_STRATEGY="policy-drop-near"),
                            "train,predict", tmp_path / "worker.log")
     try:
@@ -116,6 +116,12 @@ def test_clicks_are_answered_while_the_worker_trains_and_a_policy_label_starts_f
         assert meta["interactive_strategy"] in STRATEGIES
         assert set(meta["interactive_scores"]) == set(STRATEGIES)
         assert all(0 <= v["noc@90"] <= 20 for v in meta["interactive_scores"].values())
+        # Every SRM branch was trained on both grids; the kept pair validates best and its grid is the bundle's.
+        branches = {name.split(" ")[0] for name in meta["candidates"]}
+        assert set(meta["candidates"]) == branches | {f"{b} 8x8" for b in branches}
+        kept = meta["chosen_candidate"]
+        assert meta["candidates"][kept]["miou"] == max(c["miou"] for c in meta["candidates"].values())
+        assert meta["grid"] == ([8, 8] if kept.endswith(" 8x8") else [10, 10])
         # Task 6 was never pre-labelled: the first click computes the policy's start, the second reads it.
         truth = ls.masks[6]
         x, y = centre(truth)
