@@ -103,6 +103,7 @@ def save_bundle(
         "clip_model": clip_model,
         "branch": policy.branch,
         "instances": bool(policy.instances),
+        "instance_boxes": bool(policy.instances and policy.instance_boxes),
         "grid": list(policy.config.grid),
         "steps": policy.config.ppo.steps,
         "train_samples": len(policy.train_names),

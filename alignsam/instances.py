@@ -12,6 +12,11 @@ So, after the policy's episode:
 3. all instances of all images are decoded in one batched call; the target is their union (semantic labels), and
    each instance's mask is kept (one Label Studio region per instance, for instance-style projects).
 
+Optionally (``boxes=True``) each instance's prompt also carries a box: the component's bounding cells on the SRM's
+grid, in image pixels. SAM is trained on boxes, so a box tells it the instance's extent where a few points do not;
+whether a label uses it is chosen by validation too (the bundled small SAM answers boxes badly, so on the testbed
+it is rejected; see ``benchmarks/results/instances_notes.md``).
+
 With fewer than two components the policy's own mask is kept. Whether a label uses this is chosen by validation
 at training (:func:`alignsam.train.train` records it as the bundle's ``instances``): on single-region families
 (mirror) it costs mIoU, on multi-object ones it gains it. The agent still matters: its points join each instance's
@@ -53,6 +58,18 @@ def grid_components(foreground: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, n
 
 
+def component_box(sam: FrozenSam, cells: np.ndarray, size: Size) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` image pixels covering the ``True`` cells of a ``[g, g]`` map on SAM's embedding grid
+    (the outer edges of its bounding cells, clipped to the image of ``size = (H, W)``)."""
+    rows, cols = np.nonzero(cells)
+    g = cells.shape[-1]
+    corners = torch.tensor([[[int(rows.min()), int(cols.min())], [int(rows.max()), int(cols.max())]]])
+    (x0, y0), (x1, y1) = sam.grid_to_points(corners, [size], g)[0].tolist()
+    half = max(size) / g / 2  # the grid covers the resized long side: one cell is max(H, W) / g pixels
+    h, w = size
+    return (max(0.0, x0 - half), max(0.0, y0 - half), min(float(w), x1 + half), min(float(h), y1 + half))
+
+
 @dataclass
 class InstanceResult:
     """One image's instances: ``probs`` ``[H, W]`` float32 (the union's probabilities: the per-pixel maximum over
@@ -75,6 +92,7 @@ def split_instances(
     points: Sequence[Sequence[Point]],
     base_probs: Sequence[np.ndarray],
     present: Sequence[bool] | None = None,
+    boxes: bool = False,
 ) -> list[InstanceResult]:
     """Per image, the target as its instances (see the module docstring).
 
@@ -84,12 +102,14 @@ def split_instances(
       points: each image's policy prompt points ``(x, y, label)`` in pixels (label -1 entries are ignored).
       base_probs: each image's ``[H, W]`` probabilities from the policy (kept where it is not split).
       present: per image, whether the SRM found the target at all (absent images are never split).
+      boxes: also give SAM each instance's box (its component's bounding cells, :func:`component_box`).
     Returns one :class:`InstanceResult` per image.
     """
     n = len(points)
     g = srm_logits.shape[-1]
     out: list[InstanceResult | None] = [None] * n
     jobs: list[tuple[int, list[Point]]] = []  # (image, prompt) per instance
+    job_boxes: list[tuple[float, float, float, float]] = []
     for i in range(n):
         base = np.asarray(base_probs[i], np.float32)
         logits = srm_logits[i].float().cpu()
@@ -112,6 +132,8 @@ def split_instances(
             prompt += [p for p, kk in zip(pts, in_component, strict=True) if p[2] == 1 and kk == k]
             prompt += background_negatives
             jobs.append((i, prompt))
+            if boxes:
+                job_boxes.append(component_box(sam, labels == k, sizes[i]))
     if jobs:
         width = max(len(p) for _, p in jobs)
         coords = torch.zeros(len(jobs), width, 2)
@@ -121,7 +143,8 @@ def split_instances(
                 coords[row, j, 0], coords[row, j, 1] = x, y
                 labels_t[row, j] = lab
         index = torch.tensor([i for i, _ in jobs], device=embeddings.device)
-        decoded = sam.decode(embeddings[index], coords, labels_t, [sizes[i] for i, _ in jobs])
+        box_t = torch.tensor(job_boxes, dtype=torch.float32) if boxes else None
+        decoded = sam.decode(embeddings[index], coords, labels_t, [sizes[i] for i, _ in jobs], boxes=box_t)
         probs = decoded.probs if decoded.probs is not None else []
         per_image: dict[int, list[tuple[np.ndarray, list[Point]]]] = {}
         for row, (i, prompt) in enumerate(jobs):

@@ -40,6 +40,9 @@ class TrainConfig:
     # "auto" (validation decides: per instance only when it scores INSTANCE_MARGIN higher; what the backend's
     # training uses), "on".
     instances: Literal["auto", "off", "on"] = "off"
+    # With per-instance prompts: also give SAM each instance's box (alignsam.instances.component_box): "auto" (kept
+    # when it validates better than points alone), "off", "on". Unused while ``instances`` is "off".
+    instance_boxes: Literal["auto", "off", "on"] = "auto"
 
     def env_config(self) -> EnvConfig:
         return EnvConfig(grid=self.grid, steps=self.ppo.steps, use_mask_input=self.use_mask_input)
@@ -71,3 +74,4 @@ class TrainedPolicy:
     train_names: list[str]
     history: list[dict] = field(default_factory=list)
     instances: bool = False  # prompts SAM once per instance (alignsam.instances), chosen by validation
+    instance_boxes: bool = False  # ... with each instance's box too, chosen by validation

@@ -93,6 +93,7 @@ class AlignSAM:
         masks: Sequence[np.ndarray] | None = None,
         generator: torch.Generator | None = None,
         instances: bool | None = None,
+        boxes: bool | None = None,
     ) -> list[Prediction]:
         """Segments the bundle's target (or ``text``) in each image.
 
@@ -100,8 +101,11 @@ class AlignSAM:
         points positive, T=1); ``masks`` (ground truth) is needed only for ``labels="gt"`` / ``"gt-positive"``.
         ``instances``: prompt SAM once per instance of the SRM's map (:mod:`alignsam.instances`); None: what the
         bundle's validation chose (``meta["instances"]``, off for bundles made before the choice existed).
+        ``boxes``: with per-instance prompts, give SAM each instance's box too; None: the bundle's
+        ``meta["instance_boxes"]``.
         """
         split = bool(self.bundle.meta.get("instances", False)) if instances is None else instances
+        boxed = bool(self.bundle.meta.get("instance_boxes", False)) if boxes is None else boxes
         text = text or self.text
         cfg = self.bundle.config
         steps = cfg.ppo.steps if steps is None else steps
@@ -128,7 +132,7 @@ class AlignSAM:
             if split:
                 parts = split_instances(self.sam, enc.embeddings, enc.sizes, srm_in.forward(self.srm, idx, None)
                                         .logits[:, 0], srm_in.valid[idx, 0], all_points, all_probs,
-                                        [float(v) >= 0.5 for v in res.present])
+                                        [float(v) >= 0.5 for v in res.present], boxes=boxed)
             for i in range(len(chunk)):
                 probs, pts = all_probs[i], all_points[i]
                 low = None

@@ -94,6 +94,9 @@ class TrainResult:
     # ``TrainConfig.instances`` is "off". ``policy.instances`` says whether it was kept.
     instance_metrics: dict[str, float] | None = None
     chosen: str = ""  # the key of ``candidates`` the policy is (:func:`candidate_name`)
+    # Per-instance prompts with points alone ("points") and with each instance's box ("box"), on the same images;
+    # ``instance_metrics`` is the better of the two. Empty when ``TrainConfig.instances`` is "off".
+    instance_candidates: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def candidate_name(branch: str, grid: Sequence[int], default_grid: Sequence[int]) -> str:
@@ -158,9 +161,11 @@ def evaluate_policy(
     cfg: TrainConfig,
     batch: int = 32,
     instances: bool = False,
+    boxes: bool = False,
 ) -> dict[str, float]:
     """mIoU and FR of the deterministic policy on images ``idx`` (which have ground truth); ``instances``: with
-    SAM prompted once per instance of the SRM's map (:mod:`alignsam.instances`), as inference then does."""
+    SAM prompted once per instance of the SRM's map (:mod:`alignsam.instances`), as inference then does, and with
+    ``boxes`` each instance's box too."""
     if not idx:
         return {}
     env = PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
@@ -178,7 +183,8 @@ def evaluate_policy(
             with torch.no_grad():
                 srm_logits = srm_in.forward(srm, chunk, None).logits[:, 0]
             parts = split_instances(sam, enc.embeddings[chunk], [enc.sizes[i] for i in chunk.tolist()], srm_logits,
-                                    srm_in.valid[chunk, 0], points, probs, [float(v) >= 0.5 for v in res.present])
+                                    srm_in.valid[chunk, 0], points, probs, [float(v) >= 0.5 for v in res.present],
+                                    boxes=boxes)
             probs = [part.probs for part in parts]
         for i, p in zip(chunk.tolist(), probs, strict=True):
             ious.append(mask_iou(p > 0.5, enc.masks[i]))
@@ -417,17 +423,27 @@ def train(
                 chosen = name
     assert best is not None
     instance_metrics = None
+    instance_candidates: dict[str, dict[str, float]] = {}
     if cfg.instances != "off":
-        # Every instance of the SRM's map prompted on its own (alignsam.instances): kept only when it validates
-        # clearly better than the policy's own mask (or when asked for), on the same held-out images.
+        # Every instance of the SRM's map prompted on its own (alignsam.instances), with points alone and (unless
+        # off) with each instance's box too: kept only when it validates clearly better than the policy's own mask
+        # (or when asked for), on the same held-out images.
         with clock("validation"):
-            split = evaluate_policy(sam, enc, srm_in, best.agent, best.srm, held_out, best.config, instances=True)
-        split["on"] = best.val_metrics.get("on", "validation")  # type: ignore[assignment]
-        instance_metrics = split
+            if cfg.instance_boxes != "on":
+                instance_candidates["points"] = evaluate_policy(sam, enc, srm_in, best.agent, best.srm, held_out,
+                                                                best.config, instances=True)
+            if cfg.instance_boxes != "off":
+                instance_candidates["box"] = evaluate_policy(sam, enc, srm_in, best.agent, best.srm, held_out,
+                                                             best.config, instances=True, boxes=True)
+        for metrics in instance_candidates.values():
+            metrics["on"] = best.val_metrics.get("on", "validation")  # type: ignore[assignment]
+        mode = max(instance_candidates, key=lambda k: instance_candidates[k]["miou"])  # points first on a tie
+        split = instance_metrics = instance_candidates[mode]
         if cfg.instances == "on" or split["miou"] >= best.val_metrics["miou"] + INSTANCE_MARGIN:
             best.instances = True
+            best.instance_boxes = mode == "box"
             best.val_metrics = dict(split)
-        logger.info("instances: %s (%s)", best.instances, split)
+        logger.info("instances: %s, boxes: %s (%s)", best.instances, best.instance_boxes, instance_candidates)
     baseline_metrics = None
     if baseline is not None:
         agent_b, srm_b, cfg_b = baseline
@@ -439,14 +455,16 @@ def train(
         with clock("validation"):
             baseline_metrics = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, held_out, cfg_b)
             if cfg.instances != "off":  # the active policy gets its better mode too (its bundle may use either)
-                split_b = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, held_out, cfg_b, instances=True)
-                if split_b["miou"] > baseline_metrics["miou"]:
-                    baseline_metrics = split_b
+                for boxes in (False, True) if cfg.instance_boxes != "off" else (False,):
+                    split_b = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, held_out, cfg_b, instances=True,
+                                              boxes=boxes)
+                    if split_b["miou"] > baseline_metrics["miou"]:
+                        baseline_metrics = split_b
     if callback:
         callback(Progress(stage="done", branch=best.branch, val_miou=best.val_metrics["miou"],
                           elapsed_s=time.perf_counter() - t0))
     return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics,
-                       histories, [samples[i].name for i in held_out], instance_metrics, chosen)
+                       histories, [samples[i].name for i in held_out], instance_metrics, chosen, instance_candidates)
 
 
 def _renamed(callback: Callable[[Progress], None], name: str) -> Callable[[Progress], None]:

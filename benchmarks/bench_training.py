@@ -9,12 +9,18 @@ every part scales linearly in N x E (encoding in N), so the script extrapolates,
     python -m benchmarks.bench_training --preset small --branch implicit
     python -m benchmarks.bench_training --preset vit_b --samples 8 --episodes 2
     python -m benchmarks.bench_training --branch explicit --srm-hidden 16 --srm-fuse-kernel 1   # a cheaper SRM
+    python -m benchmarks.bench_training --grid 10x10 16x16 --instances off auto   # issue 17's per-label choices
+
+``--grid``: each grid is timed as its own run (``TrainConfig.grids`` trains every grid in turn, so a choice among
+grids costs the sum of their rows). ``--instances auto``: the run also validates per-instance prompts (counted in
+validation, which is overhead).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import time
 from dataclasses import replace
 
@@ -40,7 +46,8 @@ def _sam(preset: str, device: str) -> FrozenSam:
 
 
 def run(
-    preset: str, branch: str, samples: int, episodes: int, device: str, clip_preset: str, srm: SRMConfig | None = None
+    preset: str, branch: str, samples: int, episodes: int, device: str, clip_preset: str, srm: SRMConfig | None = None,
+    grid: tuple[int, int] = (10, 10), instances: str = "off",
 ) -> dict[str, float]:
     sam = _sam(preset, device)
     sam._cache.clear()  # every run pays for its own encoding, as a fresh training job would
@@ -51,7 +58,8 @@ def run(
         clip = ClipSurgery.from_preset(clip_preset, device=device, pretrained=None)
     scenes = make_split("saliency", "train", samples)
     data = [Sample(s.image, s.mask, s.text, f"s{i}") for i, s in enumerate(scenes)]
-    cfg = TrainConfig(ppo=PPOConfig(episodes=episodes), branch=branch, srm=srm or SRMConfig())  # paper's T=15, K=20
+    cfg = TrainConfig(ppo=PPOConfig(episodes=episodes), branch=branch, srm=srm or SRMConfig(),  # paper's T=15, K=20
+                      grid=grid, instances=instances)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     res = train(sam, data, cfg, clip=clip, timings=Timings())
     wall = time.perf_counter() - t0
@@ -96,6 +104,9 @@ def main() -> None:
     ap.add_argument("--srm-hidden", type=int, nargs="+", default=[None], help="SRM widths (default: SRMConfig's)")
     ap.add_argument("--srm-fuse-kernel", type=int, nargs="+", default=[None],
                     help="explicit SRM fusion kernel sizes (default: SRMConfig's, 3)")
+    ap.add_argument("--grid", nargs="+", default=["10x10"], metavar="RxC", help="action grids (paper: 10x10)")
+    ap.add_argument("--instances", nargs="+", default=["off"], choices=["off", "auto"],
+                    help="also validate per-instance prompts (auto), as the backend's training does")
     ap.add_argument("--repeat", type=int, default=1, help="runs of every setting, in turn (the floor drifts)")
     args = ap.parse_args()
     if args.threads:
@@ -109,6 +120,7 @@ def main() -> None:
             if kernel is not None:
                 srm, label = replace(srm, fuse_kernel=kernel), [*label, f"{kernel}x{kernel} fusion"]
             variants.append((", ".join(label), srm))
+    grids = [tuple(int(n) for n in g.lower().split("x")) for g in args.grid]
     results: dict[str, object] = {"device": args.device, "paper_N": PAPER_N, "paper_E": PAPER_E,
                                   "torch_threads": torch.get_num_threads(),
                                   "note": "measured on a reduced run, extrapolated linearly to N=50, E=50"}
@@ -116,10 +128,14 @@ def main() -> None:
     for rep in range(args.repeat):
         for preset in args.preset:
             for branch in args.branch:
-                for label, srm in variants:
-                    r = run(preset, branch, args.samples, args.episodes, args.device, args.clip_preset, srm)
+                for (label, srm), grid, instances in itertools.product(variants, grids, args.instances):
+                    r = run(preset, branch, args.samples, args.episodes, args.device, args.clip_preset, srm,
+                            grid, instances)  # type: ignore[arg-type]
+                    extra = [f"{grid[0]}x{grid[1]} grid"] if grid != (10, 10) else []
+                    extra += ["instances validated"] if instances != "off" else []
+                    label = ", ".join([*([label] if label else []), *extra])
                     key = "/".join(k for k in (preset, branch, label) if k) + (f"#{rep + 1}" if args.repeat > 1 else "")
-                    results[key] = {**r, "srm": vars(srm)}
+                    results[key] = {**r, "srm": vars(srm), "grid": list(grid), "instances": instances}
                     print(f"[{key}] " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()), flush=True)
                     rows.append((
                         preset, f"{branch} ({label})" if label else branch,

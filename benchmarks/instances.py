@@ -48,21 +48,23 @@ TASKS = (*DEFAULT_TASKS, "instances")
 ROWS = {"AlignSAM": {}, "w/o RL": {"actions": "random"}, "w/o SRM": {"labels": "positive"}}
 
 
-def _same_training(meta: dict[str, Any], cfg: TrainConfig, task: str, n_train: int) -> bool:
-    """Whether a cached bundle was trained exactly as ``cfg`` asks (the instance choice aside: made here)."""
+def _same_training(meta: dict[str, Any], cfg: TrainConfig, task: str, n_train: int, sam_id: str) -> bool:
+    """Whether a cached bundle was trained exactly as ``cfg`` asks, with the same SAM (the instance choices aside:
+    made here; ``grids`` too: the benchmark trains one grid per bundle)."""
     have = dict(meta.get("config") or {})
     want = json.loads(json.dumps(cfg.to_dict()))
     for d in (have, want):
-        d.pop("instances", None)
+        for key in ("instances", "instance_boxes", "grids"):
+            d.pop(key, None)
     return meta.get("task", task) == task and meta.get("train_samples") in (n_train, round(n_train * 0.8)) \
-        and have == want
+        and have == want and meta.get("sam_model_id", sam_id) == sam_id
 
 
 def policy_for(sam: Any, task: str, cfg: TrainConfig, n_train: int, bundle_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The task's bundle from ``bundle_dir`` (same training) or trained now and saved there."""
     for path in sorted(bundle_dir.glob(f"{task.replace(':', '_')}-*.pt")):
         meta = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").is_file() else {}
-        if _same_training(meta, cfg, task, n_train):
+        if _same_training(meta, cfg, task, n_train, sam.model_id):
             return load_bundle(path, sam, device=sam.device), {"bundle": str(path), "cached": True,
                                                                "train_s": meta.get("train_s")}
     samples = task_samples(task, "train", n_train)
@@ -83,18 +85,25 @@ def variant_suffix(cfg: TrainConfig) -> str:
     return "".join(f"-{p}" for p in parts)
 
 
-def table(model: AlignSAM, samples: list[Any], seed: int, rows: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """mIoU and FR of each row (``rows``: a subset of ``ROWS``; None: all) in both modes."""
+MODES = {"": (False, False), " + instances": (True, False), " + instances + box": (True, True)}
+
+
+def table(model: AlignSAM, samples: list[Any], seed: int, rows: list[str] | None = None,
+          boxes: bool = False) -> dict[str, dict[str, float]]:
+    """mIoU and FR of each row (``rows``: a subset of ``ROWS``; None: all) in each mode (with ``boxes``: also per
+    instance with each instance's box)."""
     images, gts = [s.image for s in samples], [s.mask for s in samples]
     out: dict[str, dict[str, float]] = {}
     for name, kwargs in ROWS.items():
         if rows is not None and name not in rows:
             continue
-        for split in (False, True):
+        for suffix, (split, boxed) in MODES.items():
+            if boxed and not boxes:
+                continue
             preds = model.predict(images, generator=torch.Generator().manual_seed(seed), instances=split,
-                                  **kwargs)  # type: ignore[arg-type]
+                                  boxes=boxed, **kwargs)  # type: ignore[arg-type]
             frs = [fr for p, g in zip(preds, gts, strict=True) if (fr := foreground_rate(p, g)) is not None]
-            out[f"{name}{' + instances' if split else ''}"] = {
+            out[f"{name}{suffix}"] = {
                 "miou": metrics.miou([p.probs for p in preds], gts), "fr": float(np.mean(frs)) if frs else 0.0,
                 "instances_per_image": float(np.mean([len(p.instances) for p in preds])),
             }
@@ -110,13 +119,19 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
     t0 = time.perf_counter()
     val_gts = [s.mask for s in val]
     val_off = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=False)], val_gts)
-    val_on = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=True)], val_gts)
-    chosen = val_on >= val_off + INSTANCE_MARGIN
-    rows = table(model, test, args.seed, args.rows)
+    val_on = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=True, boxes=False)],
+                          val_gts)
+    val_box = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=True, boxes=True)],
+                           val_gts) if args.boxes else None
+    # As alignsam.train.train chooses: the better per-instance form (points first on a tie), kept if it clears
+    # the margin over the policy's own mask.
+    box_wins = val_box is not None and val_box > val_on
+    chosen = max(val_on, val_box if box_wins else val_on) >= val_off + INSTANCE_MARGIN  # type: ignore[type-var]
+    rows = table(model, test, args.seed, args.rows, args.boxes)
     enc = encode(sam, [s.image for s in test], masks=[s.mask for s in test])
     probs, _ = oracle_predict(sam, enc, cfg.ppo.steps)
     oracle = metrics.miou([p.cpu().numpy() for p in probs], [s.mask for s in test])
-    mode = " + instances" if chosen else ""
+    mode = (" + instances + box" if box_wins else " + instances") if chosen else ""
     ours = rows[f"AlignSAM{mode}"]
     goals: dict[str, float] = {"over_oracle": ours["miou"] / max(oracle, 1e-9)}
     met = {"over_oracle": goals["over_oracle"] >= 0.90}
@@ -130,7 +145,8 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
         met.update(fr_over_random=goals["fr_over_random"] >= 0.10, miou_over_wo_rl=goals["miou_over_wo_rl"] >= 0.05,
                    miou_over_wo_srm=goals["miou_over_wo_srm"] >= 0.05)
     out = {"task": task, **info, "grid": list(cfg.grid), "use_mask_input": cfg.use_mask_input,
-           "val": {"off": val_off, "instances": val_on, "chosen": "instances" if chosen else "off", "n": len(val)},
+           "val": {"off": val_off, "instances": val_on, "box": val_box, "n": len(val),
+                   "chosen": ("instances + box" if box_wins else "instances") if chosen else "off"},
            "rows": rows, "oracle_miou": oracle, "goals": goals, "met": met, "eval_s": time.perf_counter() - t0}
     print(f"[{task}] val off {val_off:.3f} / instances {val_on:.3f} -> {out['val']['chosen']}; test AlignSAM "
           f"{rows['AlignSAM']['miou']:.3f} / + instances {rows['AlignSAM + instances']['miou']:.3f}; oracle "
@@ -153,6 +169,8 @@ def main() -> None:
     ap.add_argument("--grid", type=int, nargs=2, default=(10, 10), metavar=("ROWS", "COLS"),
                     help="the action grid (the paper: 10 10)")
     ap.add_argument("--mask-input", action="store_true", help="feed the previous low-res logits back to SAM")
+    ap.add_argument("--boxes", action="store_true", help="also per instance with each instance's box")
+    ap.add_argument("--sam-checkpoint", default=None, help="small SAM weights (default: the bundled checkpoint)")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
                     help="table rows to evaluate (default: all; the goals need all three)")
     ap.add_argument("--name", default="instances")
@@ -169,7 +187,7 @@ def main() -> None:
                                "seeds": {"train": "train split 0-49", "val": "train split 50-79",
                                          "test": f"test split 10000-{10000 + args.test - 1}"}}
     if not args.collect:
-        sam = load_sam("small", None, args.device)
+        sam = load_sam("small", args.sam_checkpoint, args.device)
         sam.cache_size = max(sam.cache_size, args.test + args.val + 16)
         results["sam"] = sam.model_id
     if args.collect:
@@ -198,7 +216,9 @@ def write(name: str, results: dict[str, Any]) -> None:
                      f"over w/o RL {g['miou_over_wo_rl']:+.3f} {'ok' if m['miou_over_wo_rl'] else 'MISS'}; "
                      f"over w/o SRM {g['miou_over_wo_srm']:+.3f} {'ok' if m['miou_over_wo_srm'] else 'MISS'}; "
                      ) if "fr_over_random" in g else "ablations not run; "
-        lines.append((task, f"**chosen: {r['val']['chosen']}** (val {r['val']['off']:.3f} / {r['val']['instances']:.3f})",
+        box = f" / box {r['val']['box']:.3f}" if r["val"].get("box") is not None else ""
+        lines.append((task, f"**chosen: {r['val']['chosen']}** (val {r['val']['off']:.3f} / {r['val']['instances']:.3f}"
+                      f"{box})",
                       "", "", "", f"oracle {r['oracle_miou']:.3f}, ratio {g['over_oracle']:.3f}",
                       f"{ablations}0.90 oracle {'ok' if m['over_oracle'] else 'MISS'}"))
     write_results(name, results, lines, ("task", "row", "mIoU", "FR", "instances / image", "oracle",

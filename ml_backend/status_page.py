@@ -141,18 +141,25 @@ def _sidecar_metrics(settings: Settings, project_id: int, version: str | None) -
 
 
 def _instances(settings: Settings, project_id: int, version: str | None) -> str | None:
-    """``"per instance · val mIoU 0.856 (one mask 0.594)"``: the training's instance choice with both scores."""
+    """``"per instance · val mIoU per instance 0.856, one mask 0.594"``: the training's instance choice with its
+    scores (per-instance prompts with points alone and with boxes, when both were validated)."""
     meta = _sidecar(settings, project_id, version)
     if not isinstance(meta.get("instances"), bool):
         return None
-    chosen = "per instance" if meta["instances"] else "one mask"
+    chosen = ("per instance with boxes" if meta.get("instance_boxes") else "per instance") if meta["instances"] \
+        else "one mask"
     split = meta.get("instance_metrics") if isinstance(meta.get("instance_metrics"), Mapping) else {}
+    modes = meta.get("instance_candidates") if isinstance(meta.get("instance_candidates"), Mapping) else {}
     branches = meta.get("candidates") if isinstance(meta.get("candidates"), Mapping) else {}
     kept = meta.get("chosen_candidate") or meta.get("branch")
     whole = branches.get(kept) if isinstance(branches.get(kept), Mapping) else {}
     on, off = _float(split.get("miou")), _float(whole.get("miou"))
     if on is None or off is None:
         return chosen
+    scores = {k: _float(v.get("miou")) for k, v in modes.items() if isinstance(v, Mapping)}
+    if len(scores) > 1 and all(v is not None for v in scores.values()):
+        detail = " / ".join(f"{k} {v:.3f}" for k, v in scores.items())
+        return f"{chosen} · val mIoU per instance ({detail}), one mask {off:.3f}"
     return f"{chosen} · val mIoU per instance {on:.3f}, one mask {off:.3f}"
 
 

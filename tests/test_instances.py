@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignsam.bundle import load_bundle, save_bundle
-from alignsam.instances import grid_components, split_instances
+from alignsam.instances import component_box, grid_components, split_instances
 from alignsam.loading import load_sam
 from alignsam.metrics import iou
 from alignsam.policy import TrainConfig
@@ -73,6 +73,32 @@ def test_one_prompt_per_instance_finds_objects_one_positive_click_set_misses(sma
     assert np.mean(split) > 0.8 and np.mean(split) > np.mean(together) + 0.15, (together, split)
 
 
+def test_an_instance_box_covers_its_cells_in_image_pixels(small: FrozenSam) -> None:
+    g = small.embedding_size
+    cells = np.zeros((g, g), bool)
+    cells[2:5, 3:7] = True
+    size = (300, 400)  # H, W: the grid covers the 400-px long side, one cell is 400 / g px
+    cell = 400 / g
+    x0, y0, x1, y1 = component_box(small, cells, size)
+    assert (x0, y0, x1, y1) == pytest.approx((3 * cell, 2 * cell, 7 * cell, 5 * cell), abs=1e-3)
+    assert component_box(small, np.ones((g, g), bool), size) == pytest.approx((0, 0, 400, 300), abs=1e-3)
+
+
+def test_instance_boxes_reach_sam_and_keep_one_mask_per_instance(small: FrozenSam) -> None:
+    scenes = make_split("instances", "test", 2)
+    enc = encode(small, [s.image for s in scenes], masks=[s.mask for s in scenes])
+    srm_in = SrmInputs(small, enc)
+    assert srm_in.gt is not None
+    logits = (srm_in.gt[:, 0] > 0.5).float() * 10 - 5
+    base = [np.zeros(s.mask.shape, np.float32) for s in scenes]
+    pts: list[list[tuple[float, float, int]]] = [[], []]
+    plain = split_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], pts, base)
+    boxed = split_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], pts, base, boxes=True)
+    for a, b in zip(plain, boxed, strict=True):
+        assert a.split and b.split and len(a.masks) == len(b.masks) == len(b.points)
+        assert not np.allclose(a.probs, b.probs)  # the box changed SAM's answer
+
+
 def test_a_single_component_or_an_absent_target_keeps_the_policys_mask(small: FrozenSam) -> None:
     (scene,) = make_split("saliency", "test", 1)
     enc = encode(small, [scene.image])
@@ -100,6 +126,18 @@ def test_training_chooses_the_mode_by_validation_and_the_bundle_keeps_it(tmp_pat
     assert auto.instance_metrics is not None
     chosen = auto.instance_metrics["miou"] >= auto.candidates["implicit"]["miou"] + 0.01
     assert auto.policy.instances is chosen
+    # Per-instance prompts with points alone and with boxes were both validated; the better one is the mode.
+    assert set(auto.instance_candidates) == {"points", "box"}
+    best = max(auto.instance_candidates, key=lambda k: auto.instance_candidates[k]["miou"])
+    assert auto.instance_metrics == auto.instance_candidates[best]
+    assert auto.policy.instance_boxes is (chosen and best == "box")
+    boxed = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on", "instance_boxes": "on"}))
+    assert set(boxed.instance_candidates) == {"box"} and boxed.policy.instance_boxes is True
+    points = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on", "instance_boxes": "off"}))
+    assert set(points.instance_candidates) == {"points"} and points.policy.instance_boxes is False
+    assert off.instance_candidates == {}
+    save_bundle(boxed.policy, tmp_path / "b.pt", sam, text="disc")
+    assert load_bundle(tmp_path / "b.pt", sam).meta["instance_boxes"] is True
     save_bundle(on.policy, tmp_path / "p.pt", sam, text="disc")
     bundle = load_bundle(tmp_path / "p.pt", sam)
     assert bundle.meta["instances"] is True

@@ -372,7 +372,7 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
     new_miou = float(policy.val_metrics["miou"])
     interactive = _choose_interactive(run, target, samples, result)
     choices = {"candidates": result.candidates, "chosen_candidate": result.chosen or policy.branch,
-               "instance_metrics": result.instance_metrics}
+               "instance_metrics": result.instance_metrics, "instance_candidates": result.instance_candidates}
     bundle = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id,
                            extra=jsonable({**interactive, **choices}))
     version = bundle.stem
@@ -386,7 +386,8 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
     entry = {"version": version, "val_miou": new_miou, "branch": policy.branch,
              "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates,
              "chosen_candidate": choices["chosen_candidate"], "grid": list(policy.config.grid),
-             "instances": policy.instances, "instance_metrics": result.instance_metrics, **interactive}
+             "instances": policy.instances, "instance_boxes": policy.instance_boxes,
+             "instance_metrics": result.instance_metrics, **interactive}
     if old is None or old_miou is None or new_miou >= old_miou:
         run.store.set_policy_version(run.project_id, target.label, version)
         entry["status"] = "activated"
