@@ -17,6 +17,12 @@ clicks always win. How the two are combined is the ``strategy`` (:data:`STRATEGI
     the clicks, with the pre-label's logits as SAM's ``mask_input`` (SAM's own way to refine a mask).
 ``positive-mask-input``
     the pre-label's positive points and the clicks, with its logits as ``mask_input``.
+``per-instance``
+    for a pre-label made of instances (:mod:`alignsam.instances`): each click goes to the instance it falls in
+    (else, within ``radius``, the nearest one; a positive click far from all starts a new instance), only the
+    instances that got clicks are decoded again (their own prompt, ``policy-drop-near``, plus their clicks) and the
+    answer is the union with the others unchanged. Every other strategy decodes *one* mask, so its first click
+    drops the instances it does not reach. A start without instances (or a box) is ``policy-drop-near``.
 
 Which strategy needs the fewest clicks is measured by ``benchmarks/noc.py`` (NoC@85 / NoC@90 on every synthetic
 family); the backend uses the one that benchmark picked (``INTERACTIVE_STRATEGY``), and ``clicks`` for a label
@@ -31,6 +37,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +57,7 @@ STRATEGIES: tuple[str, ...] = (
     "policy-positive",
     "mask-input",
     "positive-mask-input",
+    "per-instance",
 )
 DEFAULT_RADIUS = 0.08
 """``policy-drop-near``'s radius as a fraction of the image's long side (8 %: a policy point that close to a click
@@ -60,41 +68,83 @@ class InteractiveError(AlignSamError, ValueError):
     """The prompts cannot be used (no click and no box, an unknown strategy, a start of another image size)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Start:
     """What the pre-label of one task and label found: where the correction starts.
 
     Attributes:
       points: the pre-label's prompt points ``(x, y, label)`` in image pixels.
       low_res: ``[4h, 4w]`` float32 SAM logits of the pre-label's mask (SAM's padded input frame), or None
-        (no mask: the pre-label found no target).
+        (no mask: the pre-label found no target, or it was split into instances).
       size: ``(H, W)`` of the image the start belongs to.
+      instance_points: when the pre-label was split into instances, each instance's prompt points; else empty.
+      instance_masks: ``[K, H, W]`` bool, each instance's mask (same order), or None.
     """
 
     points: tuple[Point, ...]
     low_res: np.ndarray | None
     size: tuple[int, int]
+    instance_points: tuple[tuple[Point, ...], ...] = ()
+    instance_masks: np.ndarray | None = None
+
+    @property
+    def split(self) -> bool:
+        """Whether the pre-label is two or more instances (what ``per-instance`` needs)."""
+        return self.instance_masks is not None and len(self.instance_points) >= 2
 
     def to_bytes(self) -> bytes:
-        """The start as a compressed ``.npz`` (points, logits as float16, size): a few KB to cache per task."""
+        """The start as a compressed ``.npz`` (points, logits as float16, size, instances' points and bit-packed
+        masks): a few KB to cache per task."""
         buf = io.BytesIO()
         pts = np.asarray(self.points, dtype=np.float32).reshape(-1, 3)
         low = np.zeros((0, 0), np.float16) if self.low_res is None else self.low_res.astype(np.float16)
-        np.savez_compressed(buf, points=pts, low_res=low, size=np.asarray(self.size, dtype=np.int64))
+        inst = np.asarray([(k, *p) for k, group in enumerate(self.instance_points) for p in group],
+                          dtype=np.float32).reshape(-1, 4)
+        masks = np.zeros((0,), np.uint8) if self.instance_masks is None else np.packbits(self.instance_masks.ravel())
+        n_masks = 0 if self.instance_masks is None else len(self.instance_masks)
+        np.savez_compressed(buf, points=pts, low_res=low, size=np.asarray(self.size, dtype=np.int64),
+                            instance_points=inst, instance_count=np.asarray(len(self.instance_points)),
+                            instance_masks=masks, instance_mask_count=np.asarray(n_masks))
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Start:
-        """Inverse of :meth:`to_bytes`. Raises :class:`InteractiveError` on anything else."""
+        """Inverse of :meth:`to_bytes` (caches written before instances existed read with none). Raises
+        :class:`InteractiveError` on anything else."""
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 pts = z["points"].astype(np.float64).reshape(-1, 3)
                 low = z["low_res"]
                 size = tuple(int(v) for v in z["size"].reshape(2))
+                groups: tuple[tuple[Point, ...], ...] = ()
+                masks = None
+                if "instance_points" in z.files:
+                    inst = z["instance_points"].astype(np.float64).reshape(-1, 4)
+                    count = int(z["instance_count"])
+                    groups = tuple(tuple((float(x), float(y), int(lab)) for k, x, y, lab in inst if int(k) == g)
+                                   for g in range(count))
+                    n_masks = int(z["instance_mask_count"])
+                    if n_masks:
+                        bits = np.unpackbits(z["instance_masks"])[: n_masks * size[0] * size[1]]
+                        masks = bits.reshape(n_masks, size[0], size[1]).astype(bool)
         except Exception as exc:
             raise InteractiveError(f"not a cached pre-label start ({type(exc).__name__}: {exc})") from exc
         points = tuple((float(x), float(y), int(lab)) for x, y, lab in pts)
-        return cls(points, None if low.size == 0 else low.astype(np.float32), (size[0], size[1]))
+        return cls(points, None if low.size == 0 else low.astype(np.float32), (size[0], size[1]), groups, masks)
+
+
+def start_of(prediction: object, size: tuple[int, int] | None = None) -> Start:
+    """A pre-label (an :class:`alignsam.predict.Prediction`) as the start of a correction, its instances included
+    when it was split into two or more."""
+    p: Any = prediction
+    size = size or (int(p.mask.shape[0]), int(p.mask.shape[1]))
+    groups = tuple(tuple(g) for g in getattr(p, "instance_points", []) or [])
+    masks = None
+    if len(groups) >= 2 and len(p.instances) == len(groups):
+        masks = np.stack([np.asarray(m, bool) for m in p.instances])
+    else:
+        groups = ()
+    return Start(tuple(p.points), p.low_res, size, groups, masks)
 
 
 @dataclass
@@ -133,7 +183,7 @@ def combine(
     mask_input = start.low_res if strategy in ("mask-input", "positive-mask-input") else None
     if strategy == "policy":
         return policy + clicks, None
-    if strategy == "policy-drop-near":
+    if strategy in ("policy-drop-near", "per-instance"):  # per-instance: one prompt set when not split
         r2 = (radius * max(size)) ** 2
         kept = [p for p in policy
                 if not any(c[2] != p[2] and (c[0] - p[0]) ** 2 + (c[1] - p[1]) ** 2 <= r2 for c in clicks)]
@@ -171,6 +221,9 @@ def correct_many(
     boxes = list(boxes) if boxes is not None else [None] * n
     if not (len(clicks) == len(starts) == len(boxes) == n):
         raise InteractiveError(f"{n} embeddings, {len(clicks)} click lists, {len(starts)} starts, {len(boxes)} boxes")
+    if strategy == "per-instance" and any(s is not None and s.split and b is None for s, b in zip(starts, boxes,
+                                                                                                   strict=True)):
+        return _per_instance(sam, embeddings, clicks, starts, boxes, radius)
     prompts: list[tuple[list[Point], np.ndarray | None]] = []
     for emb, c, s, b in zip(embeddings, clicks, starts, boxes, strict=True):
         pts, mask_input = combine(strategy, c, s, emb.original_size, radius)
@@ -208,6 +261,92 @@ def correct_many(
                 points=list(prompts[i][0]),
                 low_res=res.low_res_logits[rows[row], best[row]].float().cpu().numpy(),
             )
+    return [c for c in out if c is not None]
+
+
+def route_clicks(clicks: Sequence[Point], start: Start, radius: float = DEFAULT_RADIUS) -> dict[int, list[Point]]:
+    """Which instance of a split ``start`` each click corrects: ``{instance: its clicks in order}``, with new
+    instances numbered from ``len(start.instance_points)`` on.
+
+    A click inside an instance's mask goes to it (the first, where they overlap). A click outside every mask goes to
+    the nearest instance whose mask is within ``radius`` (a fraction of the image's long side); failing that, a
+    positive click starts a new instance (or joins a new one with a positive click within ``radius``) and a negative
+    one goes to the nearest instance or new instance at any distance (it can only matter to one that grew there).
+    """
+    assert start.instance_masks is not None
+    masks = start.instance_masks
+    h, w = start.size
+    reach = radius * max(h, w)
+    coords = [np.argwhere(m) for m in masks]  # (row, col) of each instance's pixels
+
+    def distance(k: int, x: float, y: float) -> float:
+        c = coords[k]
+        return float(np.sqrt(((c[:, 1] + 0.5 - x) ** 2 + (c[:, 0] + 0.5 - y) ** 2).min())) if len(c) else np.inf
+
+    routed: dict[int, list[Point]] = {}
+    new_positives: dict[int, list[Point]] = {}
+    for x, y, lab in ((float(a), float(b), int(c)) for a, b, c in clicks):
+        col, row = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
+        inside = [k for k in range(len(masks)) if masks[k, row, col]]
+        if inside:
+            routed.setdefault(inside[0], []).append((x, y, lab))
+            continue
+        near = {k: distance(k, x, y) for k in range(len(masks))}
+        for k, pts in new_positives.items():
+            near[k] = min(np.hypot(px - x, py - y) for px, py, _ in pts)
+        k = min(near, key=lambda key: near[key]) if near else None
+        if k is not None and (near[k] <= reach or lab == 0):
+            routed.setdefault(k, []).append((x, y, lab))
+            if k in new_positives and lab == 1:
+                new_positives[k].append((x, y, lab))
+        elif lab == 1:
+            k = len(masks) + len(new_positives)
+            new_positives[k] = [(x, y, lab)]
+            routed[k] = [(x, y, lab)]
+    return routed
+
+
+def _per_instance(sam: FrozenSam, embeddings: Sequence[ImageEmbedding], clicks: Sequence[Sequence[Point]],
+                  starts: Sequence[Start | None], boxes: Sequence[Box | None], radius: float) -> list[Correction]:
+    """:func:`correct_many` for ``per-instance``: the clicked instances of each split start decoded again in one
+    batched call (each with ``policy-drop-near`` on its own prompt), united with the others unchanged."""
+    jobs: list[tuple[int, int]] = []  # (image, instance) per sub-prompt
+    job_emb: list[ImageEmbedding] = []
+    job_clicks: list[list[Point]] = []
+    job_starts: list[Start | None] = []
+    plain: list[int] = []
+    for i, (emb, c, s, b) in enumerate(zip(embeddings, clicks, starts, boxes, strict=True)):
+        if s is None or not s.split or b is not None:
+            plain.append(i)
+            continue
+        if tuple(s.size) != tuple(emb.original_size):
+            raise InteractiveError(f"the pre-label start is for a {s.size} image, this one is {emb.original_size}")
+        if not c:
+            raise InteractiveError("an interactive request needs at least one click or a box")
+        for k, pts in route_clicks(c, s, radius).items():
+            own = s.instance_points[k] if k < len(s.instance_points) else None
+            jobs.append((i, k))
+            job_emb.append(emb)
+            job_clicks.append(pts)
+            job_starts.append(Start(tuple(own), None, s.size) if own is not None else None)
+    out: list[Correction | None] = [None] * len(embeddings)
+    if plain:
+        for i, corr in zip(plain, correct_many(sam, [embeddings[i] for i in plain], [clicks[i] for i in plain],
+                                               [starts[i] for i in plain], "policy-drop-near",
+                                               [boxes[i] for i in plain], radius), strict=True):
+            out[i] = corr
+    answers = correct_many(sam, job_emb, job_clicks, job_starts, "policy-drop-near", None, radius) if jobs else []
+    by_image: dict[int, dict[int, Correction]] = {}
+    for (i, k), corr in zip(jobs, answers, strict=True):
+        by_image.setdefault(i, {})[k] = corr
+    for i, decoded in by_image.items():
+        s = starts[i]
+        assert s is not None and s.instance_masks is not None
+        kept = [m.astype(np.float32) for k, m in enumerate(s.instance_masks) if k not in decoded]
+        probs = np.max(np.stack(kept + [c.probs for c in decoded.values()]), axis=0)
+        points = [p for c in decoded.values() for p in c.points]
+        out[i] = Correction(mask=probs > 0.5, probs=probs, score=min(c.score for c in decoded.values()),
+                            points=points, low_res=None)
     return [c for c in out if c is not None]
 
 

@@ -40,6 +40,8 @@ class Prediction:
         :mod:`alignsam.interactive` feeds back as ``mask_input``); None when the SRM found no target (or the
         target was split into instances: there is no single mask's logits then).
       instances: one ``HxW`` bool mask per instance (:mod:`alignsam.instances`); ``[mask]`` when not split.
+      instance_points: each instance's prompt points when split (what a ``per-instance`` correction re-prompts
+        with, :mod:`alignsam.interactive`); empty when not split.
     """
 
     mask: np.ndarray
@@ -49,6 +51,7 @@ class Prediction:
     points: list[tuple[float, float, int]] = field(default_factory=list)
     low_res: np.ndarray | None = None
     instances: list[np.ndarray] = field(default_factory=list)
+    instance_points: list[list[tuple[float, float, int]]] = field(default_factory=list)
 
 
 class AlignSAM:
@@ -138,9 +141,9 @@ class AlignSAM:
                 low = None
                 if res.low_res is not None and float(res.present[i]) >= 0.5:
                     low = res.low_res[i, 0].float().cpu().numpy()
-                shown = [probs > 0.5]
+                shown, groups = [probs > 0.5], []
                 if parts is not None and parts[i].split:
-                    probs, shown, low = parts[i].probs, parts[i].masks, None
+                    probs, shown, low, groups = parts[i].probs, parts[i].masks, None, parts[i].points
                 out.append(Prediction(probs > 0.5, probs, float(res.score[i]), float(res.present[i]), pts, low,
-                                      shown))
+                                      shown, [list(g) for g in groups]))
         return out

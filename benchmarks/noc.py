@@ -35,7 +35,7 @@ import torch
 
 from alignsam.bundle import load_bundle, read_meta, save_bundle
 from alignsam.effort import choose_strategy, noc, reached, simulate, summarize
-from alignsam.interactive import STRATEGIES, Start
+from alignsam.interactive import STRATEGIES, Start, start_of
 from alignsam.loading import load_clip, load_sam, resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
@@ -78,7 +78,7 @@ def trained_bundle(sam: Any, task: str, cfg: TrainConfig, n_train: int, cache: P
 
 
 def as_start(pred: Prediction) -> Start:
-    return Start(tuple(pred.points), pred.low_res, (int(pred.mask.shape[0]), int(pred.mask.shape[1])))
+    return start_of(pred)
 
 
 def _scores(curves: np.ndarray, max_clicks: int) -> dict[str, Any]:

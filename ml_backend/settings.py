@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 INTERACTIVE_STRATEGIES = ("auto", "clicks", "policy", "policy-drop-near", "policy-positive", "mask-input",
-                          "positive-mask-input")
+                          "positive-mask-input", "per-instance")
 """``INTERACTIVE_STRATEGY``'s values: ``auto`` and :data:`alignsam.interactive.STRATEGIES` (a test pins the two)."""
 
 
@@ -159,8 +159,8 @@ class Settings(BaseSettings):
         default="auto",
         description="How a click on a label with a policy combines with the policy's pre-label: auto (what the "
         "label's training chose on its validation tasks, else the benchmark's best, benchmarks/results/noc.md), "
-        "or one of clicks, policy, policy-drop-near, policy-positive, mask-input, positive-mask-input. Labels without "
-        "a policy always use clicks (SAM on the annotator's prompts).",
+        "or one of clicks, policy, policy-drop-near, policy-positive, mask-input, positive-mask-input, per-instance. "
+        "Labels without a policy always use clicks (SAM on the annotator's prompts).",
     )
     predict_max_tasks: int = Field(
         default=1000,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignsam.interactive import STRATEGIES, InteractiveError, Start, combine, correct, correct_many
+from alignsam.interactive import STRATEGIES, InteractiveError, Start, combine, correct, correct_many, route_clicks
 from alignsam.loading import load_sam
 from alignsam.metrics import iou
 from alignsam.sam import FrozenSam
@@ -114,3 +114,82 @@ def test_a_batch_answers_as_each_image_alone_whatever_its_kind(sam: FrozenSam) -
         alone = correct(sam, embs[i], clicks[i], starts[i], "positive-mask-input", boxes[i])
         assert np.allclose(batch[i].probs, alone.probs, atol=1e-4)
         assert batch[i].points == alone.points
+
+
+def _two_squares(size: tuple[int, int] = (40, 60)) -> np.ndarray:
+    masks = np.zeros((2, *size), bool)
+    masks[0, 5:15, 5:15] = True
+    masks[1, 20:30, 40:50] = True
+    return masks
+
+
+def test_a_split_start_keeps_its_instances_through_bytes_and_old_caches_read_without() -> None:
+    masks = _two_squares()
+    groups = (((10.0, 10.0, 1), (55.0, 5.0, 0)), ((45.0, 25.0, 1),))
+    start = Start(POLICY, None, (40, 60), groups, masks)
+    back = Start.from_bytes(start.to_bytes())
+    assert back.split and back.instance_points == groups
+    assert back.instance_masks is not None and np.array_equal(back.instance_masks, masks)
+    # A start cached before instances existed (no instance arrays in the .npz) reads as not split.
+    import io
+    buf = io.BytesIO()
+    np.savez_compressed(buf, points=np.asarray(POLICY, np.float32), low_res=LOW.astype(np.float16),
+                        size=np.asarray((8, 8)))
+    old = Start.from_bytes(buf.getvalue())
+    assert not old.split and old.instance_points == () and old.points == POLICY
+
+
+def test_clicks_go_to_the_instance_they_fall_in_or_near_or_start_a_new_one() -> None:
+    start = Start((), None, (40, 60), (((10.0, 10.0, 1),), ((45.0, 25.0, 1),)), _two_squares())
+    # 8 % of the 60-px long side: within 4.8 px of a mask is "near".
+    routed = route_clicks([(12.0, 12.0, 0), (47.5, 32.5, 1), (30.0, 35.0, 1), (31.0, 37.0, 1), (58.0, 2.0, 0)],
+                          start)
+    assert routed[0] == [(12.0, 12.0, 0)]  # inside instance 0
+    assert routed[2] == [(30.0, 35.0, 1), (31.0, 37.0, 1)]  # far from both: a new instance, the second joins it
+    # 2.5 px below instance 1: near. The far negative at (58, 2) goes to the nearest: instance 1 (20 px away;
+    # instance 0 is 45 px, the new one 43 px).
+    assert routed[1] == [(47.5, 32.5, 1), (58.0, 2.0, 0)]
+    assert set(routed) == {0, 1, 2}
+
+
+def test_per_instance_correction_adds_the_missed_instance_and_keeps_the_others(sam: FrozenSam) -> None:
+    """A pre-label of all but one of a scene's target circles (each its own instance, from a perfect SRM map): one
+    positive click on the missed circle adds it and keeps the rest; every one-mask strategy loses instances."""
+    from alignsam.instances import split_instances
+    from alignsam.rollout import SrmInputs, encode
+
+    gains, singles = [], []
+    for scene in make_split("instances", "test", 6):
+        targets = [scene.regions[t] for t in scene.target_regions]
+        if len(targets) < 3:
+            continue
+        enc = encode(sam, [scene.image], masks=[np.logical_or.reduce(targets[1:])])  # circle 0 is missed
+        srm_in = SrmInputs(sam, enc)
+        assert srm_in.gt is not None
+        logits = (srm_in.gt[:, 0] > 0.5).float() * 10 - 5
+        (part,) = split_instances(sam, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], [[]],
+                                  [np.zeros(scene.mask.shape, np.float32)])
+        assert part.split
+        start = Start((), None, scene.mask.shape, tuple(tuple(p) for p in part.points), np.stack(part.masks))
+        ys, xs = np.nonzero(targets[0])
+        click = [(float(xs.mean()) + 0.5, float(ys.mean()) + 0.5, 1)]
+        emb = sam.embed(scene.image)
+        before = iou(part.probs > 0.5, scene.mask)
+        after = iou(correct(sam, emb, click, start, "per-instance").mask, scene.mask)
+        single = max(iou(correct(sam, emb, click, start, s).mask, scene.mask) for s in STRATEGIES
+                     if s != "per-instance")
+        gains.append(after - before)
+        singles.append(after - single)
+    assert len(gains) >= 3
+    assert np.mean(gains) > 0.05 and min(gains) > -0.02, gains  # the click adds the missed circle
+    assert np.mean(singles) > 0.2, singles  # one mask from the click drops the others
+
+
+def test_per_instance_without_a_split_start_is_policy_drop_near(sam: FrozenSam) -> None:
+    (scene,) = make_split("saliency", "test", 1)
+    emb = sam.embed(scene.image)
+    start = Start(((5.0, 5.0, 0), (30.0, 30.0, 1)), None, scene.mask.shape)
+    click = [(6.0, 6.0, 1)]
+    a = correct(sam, emb, click, start, "per-instance")
+    b = correct(sam, emb, click, start, "policy-drop-near")
+    assert a.points == b.points and np.array_equal(a.mask, b.mask)

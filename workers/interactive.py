@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from alignsam.image import as_rgb_uint8, image_digest
 from alignsam.interactive import STRATEGIES, Start, correct
+from alignsam.interactive import start_of as interactive_start
 from alignsam.predict import Prediction
 from alignsam.sam import ImageEmbedding
 from ml_backend.files import label_slug, private_dir
@@ -80,8 +81,8 @@ def load_start(settings: Settings, project_id: int, label: str, version: str, im
 
 
 def start_of(prediction: Prediction, size: tuple[int, int]) -> Start:
-    """A policy prediction as the start of a correction."""
-    return Start(tuple(prediction.points), prediction.low_res, size)
+    """A policy prediction as the start of a correction (its instances too, when it was split)."""
+    return interactive_start(prediction, size)
 
 
 def save_starts(settings: Settings, project_id: int, label: str, version: str, images: Sequence[np.ndarray],

@@ -416,8 +416,11 @@ def _choose_interactive(run: _TrainingRun, target: Target, samples: Sequence[Sam
         if not held_out:
             return {}
         p = result.policy
-        model = AlignSAM(run.m.sam, Bundle(p.agent, p.srm, p.config, {"text": target.prompt, "version": "validation",
-                                                                      "branch": p.branch}), run.m.clip)
+        # The pre-label as the label's pre-labels will be (per instance when its training chose that), so that
+        # "per-instance" competes on the starts it would really get.
+        meta = {"text": target.prompt, "version": "validation", "branch": p.branch, "instances": p.instances,
+                "instance_boxes": p.instance_boxes}
+        model = AlignSAM(run.m.sam, Bundle(p.agent, p.srm, p.config, meta), run.m.clip)
         images = [s.image for s in held_out]
         predictions = model.predict(images)
         embeddings = run.m.sam.embed_many(images)
