@@ -58,8 +58,10 @@ def _digest(obj: Any) -> str:
 def trained_bundle(sam: Any, task: str, cfg: TrainConfig, n_train: int, cache: Path) -> tuple[Any, dict[str, Any]]:
     """The policy for ``task`` from the cache, or trained now and cached. Returns (bundle, info)."""
     d = cfg.to_dict()
-    if d.get("instances") == "off":  # the default: the same training as bundles cached before the field existed
-        d.pop("instances")
+    # Fields at their defaults that bundles cached before they existed were trained with: the same key.
+    for field, default in (("instances", "off"), ("grids", []), ("instance_boxes", "auto")):
+        if d.get(field) in (default, tuple(default) if isinstance(default, list) else default):
+            d.pop(field)
     key = _digest({"task": task, "n_train": n_train, "cfg": d, "sam": sam.model_id})
     path = cache / f"{task.replace(':', '_')}-{key}.pt"
     info: dict[str, Any] = {"bundle": str(path)}
@@ -97,7 +99,12 @@ def _rank(scores: dict[str, dict[str, Any]]) -> str:
 
 
 def run_task(sam: Any, clip: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) -> dict[str, Any]:
-    bundle, info = trained_bundle(sam, task, cfg, args.train, Path(args.cache_dir))
+    if args.bundle:  # a given policy (e.g. benchmarks/instances.py's, on another grid)
+        bundle = load_bundle(args.bundle, sam, device=sam.device)
+        info: dict[str, Any] = {"bundle": args.bundle, "cached": True, "train_s": bundle.meta.get("train_s"),
+                                "grid": bundle.meta.get("grid")}
+    else:
+        bundle, info = trained_bundle(sam, task, cfg, args.train, Path(args.cache_dir))
     print(f"[{task}] policy {'from cache' if info['cached'] else 'trained'} ({info['train_s'] or 0:.0f} s train)",
           flush=True)
     model = AlignSAM(sam, bundle, None)
@@ -234,6 +241,7 @@ def main() -> None:
                     help="the AlignSAM pre-label with SAM prompted once per instance (alignsam.instances): on, off "
                     "(the paper's single mask, default), auto (what the bundle chose)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bundle", default=None, help="evaluate this policy bundle instead of training one (one task)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--cache-dir", default="/tmp/noc/cache", help="trained bundles and per-task results")
