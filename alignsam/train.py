@@ -94,9 +94,10 @@ class TrainResult:
     # ``TrainConfig.instances`` is "off". ``policy.instances`` says whether it was kept.
     instance_metrics: dict[str, float] | None = None
     chosen: str = ""  # the key of ``candidates`` the policy is (:func:`candidate_name`)
-    # Per-instance prompts with points alone ("points") and with each instance's box ("box"), on the same images;
-    # ``instance_metrics`` is the better of the two. Empty when ``TrainConfig.instances`` is "off".
-    instance_candidates: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per candidate (as in ``candidates``), SAM prompted once per instance with points alone ("points") and with each
+    # instance's box ("box"), on the same images; ``instance_metrics`` is the chosen candidate's better mode. Empty
+    # when ``TrainConfig.instances`` is "off".
+    instance_candidates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
 def candidate_name(branch: str, grid: Sequence[int], default_grid: Sequence[int]) -> str:
@@ -400,7 +401,9 @@ def train(
     candidates: dict[str, dict[str, float]] = {}
     histories: dict[str, list[dict]] = {}
     best: TrainedPolicy | None = None
+    best_score = -1.0
     chosen = ""
+    instance_candidates: dict[str, dict[str, dict[str, float]]] = {}
     for grid in action_grids(cfg):
         # Each grid's policy keeps only its own grid in its config: that is what inference and bundles read.
         cfg_g = replace(cfg, grid=grid, grids=())
@@ -412,38 +415,35 @@ def train(
                 record["branch"] = name
             if callback:
                 callback(Progress(stage="validating", branch=name, elapsed_s=time.perf_counter() - t0))
+            on = "validation" if val_idx else "training"
             with clock("validation"):
                 metrics = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg_g)
-            metrics["on"] = "validation" if val_idx else "training"  # type: ignore[assignment]
+                modes = _instance_modes(sam, enc, srm_in, agent, srm, held_out, cfg_g)
+            metrics["on"] = on  # type: ignore[assignment]
+            for m in modes.values():
+                m["on"] = on  # type: ignore[assignment]
             candidates[name] = metrics
             histories[name] = hist
-            logger.info("candidate %s: %s", name, metrics)
-            if best is None or metrics["miou"] > best.val_metrics["miou"]:
-                best = TrainedPolicy(agent, srm, branch, cfg_g, metrics, [samples[i].name for i in train_idx], hist)
-                chosen = name
+            policy = TrainedPolicy(agent, srm, branch, cfg_g, metrics, [samples[i].name for i in train_idx], hist)
+            if modes:
+                instance_candidates[name] = modes
+                # Every instance prompted on its own (alignsam.instances), with points alone or with boxes too (the
+                # better; points on a tie): kept only when it validates clearly better than the policy's own mask,
+                # or when asked for.
+                mode = max(modes, key=lambda k: modes[k]["miou"])
+                if cfg.instances == "on" or modes[mode]["miou"] >= metrics["miou"] + INSTANCE_MARGIN:
+                    policy.instances, policy.instance_boxes = True, mode == "box"
+                    policy.val_metrics = dict(modes[mode])
+            logger.info("candidate %s: %s; per instance: %s", name, metrics, modes)
+            # The pair kept is the one whose kept mode validates best, so a grid can win through its instances.
+            if policy.val_metrics["miou"] > best_score:
+                best, best_score, chosen = policy, policy.val_metrics["miou"], name
     assert best is not None
     instance_metrics = None
-    instance_candidates: dict[str, dict[str, float]] = {}
-    if cfg.instances != "off":
-        # Every instance of the SRM's map prompted on its own (alignsam.instances), with points alone and (unless
-        # off) with each instance's box too: kept only when it validates clearly better than the policy's own mask
-        # (or when asked for), on the same held-out images.
-        with clock("validation"):
-            if cfg.instance_boxes != "on":
-                instance_candidates["points"] = evaluate_policy(sam, enc, srm_in, best.agent, best.srm, held_out,
-                                                                best.config, instances=True)
-            if cfg.instance_boxes != "off":
-                instance_candidates["box"] = evaluate_policy(sam, enc, srm_in, best.agent, best.srm, held_out,
-                                                             best.config, instances=True, boxes=True)
-        for metrics in instance_candidates.values():
-            metrics["on"] = best.val_metrics.get("on", "validation")  # type: ignore[assignment]
-        mode = max(instance_candidates, key=lambda k: instance_candidates[k]["miou"])  # points first on a tie
-        split = instance_metrics = instance_candidates[mode]
-        if cfg.instances == "on" or split["miou"] >= best.val_metrics["miou"] + INSTANCE_MARGIN:
-            best.instances = True
-            best.instance_boxes = mode == "box"
-            best.val_metrics = dict(split)
-        logger.info("instances: %s, boxes: %s (%s)", best.instances, best.instance_boxes, instance_candidates)
+    if chosen in instance_candidates:
+        modes = instance_candidates[chosen]
+        instance_metrics = modes[max(modes, key=lambda k: modes[k]["miou"])]
+    logger.info("kept %s, instances: %s, boxes: %s", chosen, best.instances, best.instance_boxes)
     baseline_metrics = None
     if baseline is not None:
         agent_b, srm_b, cfg_b = baseline
@@ -465,6 +465,20 @@ def train(
                           elapsed_s=time.perf_counter() - t0))
     return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics,
                        histories, [samples[i].name for i in held_out], instance_metrics, chosen, instance_candidates)
+
+
+def _instance_modes(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgent, srm: SRM,
+                    held_out: Sequence[int], cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """Validation metrics of one candidate prompted per instance: ``{"points": ..., "box": ...}`` as
+    ``cfg.instances`` / ``cfg.instance_boxes`` allow ({} when instances are off)."""
+    if cfg.instances == "off":
+        return {}
+    modes = {}
+    if cfg.instance_boxes != "on":
+        modes["points"] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True)
+    if cfg.instance_boxes != "off":
+        modes["box"] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True, boxes=True)
+    return modes
 
 
 def _renamed(callback: Callable[[Progress], None], name: str) -> Callable[[Progress], None]:

@@ -149,9 +149,10 @@ def _instances(settings: Settings, project_id: int, version: str | None) -> str 
     chosen = ("per instance with boxes" if meta.get("instance_boxes") else "per instance") if meta["instances"] \
         else "one mask"
     split = meta.get("instance_metrics") if isinstance(meta.get("instance_metrics"), Mapping) else {}
-    modes = meta.get("instance_candidates") if isinstance(meta.get("instance_candidates"), Mapping) else {}
     branches = meta.get("candidates") if isinstance(meta.get("candidates"), Mapping) else {}
     kept = meta.get("chosen_candidate") or meta.get("branch")
+    by_candidate = meta.get("instance_candidates") if isinstance(meta.get("instance_candidates"), Mapping) else {}
+    modes = by_candidate.get(kept) if isinstance(by_candidate.get(kept), Mapping) else {}
     whole = branches.get(kept) if isinstance(branches.get(kept), Mapping) else {}
     on, off = _float(split.get("miou")), _float(whole.get("miou"))
     if on is None or off is None:

@@ -89,3 +89,21 @@ def test_the_cli_takes_grids(tmp_path) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--images", "i", "--masks", "m", "--prompt", "p", "--out", "o.pt",
                                    "--grids", "16"])
+
+
+def test_with_instances_every_candidate_is_validated_in_each_mode_and_the_best_kept_mode_wins() -> None:
+    sam = FrozenSam.from_preset("tiny", seed=0)
+    samples = bright_disc_samples(6, seed=2)
+    cfg = TrainConfig(ppo=PPOConfig(episodes=2, steps=2, epochs=2), grid=(6, 6), grids=((9, 9),), branch="implicit",
+                      seed=3, instances="auto")
+    result = train(sam, samples, cfg)
+    assert set(result.instance_candidates) == {"implicit", "implicit 9x9"}
+    assert all(set(m) == {"points", "box"} for m in result.instance_candidates.values())
+
+    def kept_score(name: str) -> float:  # what the candidate validates at in the mode it would keep
+        one = result.candidates[name]["miou"]
+        split = max(m["miou"] for m in result.instance_candidates[name].values())
+        return split if split >= one + 0.01 else one
+
+    assert result.chosen == max(result.candidates, key=kept_score)
+    assert result.policy.val_metrics["miou"] == kept_score(result.chosen)

@@ -127,14 +127,15 @@ def test_training_chooses_the_mode_by_validation_and_the_bundle_keeps_it(tmp_pat
     chosen = auto.instance_metrics["miou"] >= auto.candidates["implicit"]["miou"] + 0.01
     assert auto.policy.instances is chosen
     # Per-instance prompts with points alone and with boxes were both validated; the better one is the mode.
-    assert set(auto.instance_candidates) == {"points", "box"}
-    best = max(auto.instance_candidates, key=lambda k: auto.instance_candidates[k]["miou"])
-    assert auto.instance_metrics == auto.instance_candidates[best]
+    modes = auto.instance_candidates["implicit"]
+    assert set(auto.instance_candidates) == {"implicit"} and set(modes) == {"points", "box"}
+    best = max(modes, key=lambda k: modes[k]["miou"])
+    assert auto.instance_metrics == modes[best]
     assert auto.policy.instance_boxes is (chosen and best == "box")
     boxed = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on", "instance_boxes": "on"}))
-    assert set(boxed.instance_candidates) == {"box"} and boxed.policy.instance_boxes is True
+    assert set(boxed.instance_candidates["implicit"]) == {"box"} and boxed.policy.instance_boxes is True
     points = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on", "instance_boxes": "off"}))
-    assert set(points.instance_candidates) == {"points"} and points.policy.instance_boxes is False
+    assert set(points.instance_candidates["implicit"]) == {"points"} and points.policy.instance_boxes is False
     assert off.instance_candidates == {}
     save_bundle(boxed.policy, tmp_path / "b.pt", sam, text="disc")
     assert load_bundle(tmp_path / "b.pt", sam).meta["instance_boxes"] is True

@@ -152,7 +152,8 @@ def test_a_trained_project_shows_the_active_and_previous_policy_scores(queue_app
     write_sidecar(settings, "20261201-010203-aaaa1111", miou=0.5, fr=0.6)
     write_sidecar(settings, "20261202-010203-bbbb2222", miou=0.7, fr=0.8, interactive={
         "branch": "implicit", "instances": True, "instance_metrics": {"miou": 0.7}, "instance_boxes": True,
-        "instance_candidates": {"points": {"miou": 0.65}, "box": {"miou": 0.7}},
+        "instance_candidates": {"implicit 16x16": {"points": {"miou": 0.65}, "box": {"miou": 0.7}},
+                                "implicit": {"points": {"miou": 0.4}, "box": {"miou": 0.3}}},
         "candidates": {"implicit": {"miou": 0.5}, "explicit": {"miou": 0.45}, "implicit 16x16": {"miou": 0.55}},
         "chosen_candidate": "implicit 16x16",
         "interactive_strategy": "mask-input",
