@@ -66,7 +66,7 @@ def test_train_grids_setting_parses_and_rejects_clearly() -> None:
     assert parse_grids(" 10x10, 16X16,10x10") == [(10, 10), (16, 16)]
     settings = Settings(train_grids="16x16,10x10")
     assert settings.train_grids == "16x16,10x10" and settings.train_grid_list == [(16, 16), (10, 10)]
-    assert Settings().train_grid_list == [(10, 10)]
+    assert Settings().train_grid_list == [(10, 10), (16, 16)]  # the default: the paper's grid and a finer one
     for bad in ("", ",", "10", "10x", "1x10", "10x33", "axb", "-1x3", "10x10x10"):
         with pytest.raises(ValueError, match="TRAIN_GRIDS"):
             Settings(train_grids=bad)
@@ -77,7 +77,7 @@ def test_the_workers_training_config_takes_the_grids_from_the_settings() -> None
 
     cfg = train_config(Settings(train_grids="10x10,16x16"))
     assert cfg.grid == (10, 10) and cfg.grids == ((16, 16),)
-    assert train_config(Settings()).grids == ()
+    assert train_config(Settings(train_grids="10x10")).grids == ()
 
 
 def test_the_cli_takes_grids(tmp_path) -> None:

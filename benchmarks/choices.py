@@ -1,0 +1,107 @@
+"""Issue 17's per-label choices side by side: action grid, mask feedback, per-instance prompts (points / box).
+
+    python -m benchmarks.choices        # no model: reads the results files of benchmarks/instances.py runs
+
+Every variant is one ``benchmarks/instances.py`` run with the paper's E=50 / K=20 / T=15 on the same seeds (50
+training scenes, 30 validation scenes, 200 test scenes): ``instances.json`` is the paper's 10 x 10 grid without
+mask feedback; ``choices_<variant>_<task>.json`` the others (``--grid 16 16``, ``--mask-input``, ``--boxes``).
+Per task, the table lists each variant's validation mIoU in each instance mode and its test mIoU, then the choice
+validation makes among all of them, as :func:`alignsam.train.train` makes it for a label (a variant's score is its
+kept mode's: per instance only when it clears ``INSTANCE_MARGIN`` over one mask), and that choice's test mIoU
+against the oracle clicker's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from alignsam.train import INSTANCE_MARGIN
+from benchmarks.common import RESULTS, write_results
+
+VARIANTS = {  # variant -> results-file stem pattern ({task}: the task with ':' as '_')
+    "10x10": "instances",
+    "16x16": "choices_grid16_{task}",
+    "10x10 + mask feedback": "choices_maskinput_{task}",
+    "10x10 (boxes measured)": "choices_box_{task}",
+}
+MODES = {"off": "AlignSAM", "instances": "AlignSAM + instances", "box": "AlignSAM + instances + box"}
+
+
+def _load(stem: str, task: str, results_dir: Path) -> dict[str, Any] | None:
+    path = results_dir / f"{stem.format(task=task.replace(':', '_'))}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["results"]["tasks"].get(task)
+
+
+def kept_mode(val: dict[str, Any]) -> tuple[str, float]:
+    """The mode a training keeps from validation mIoUs ``{"off", "instances", "box"?}``, and its score."""
+    split = max((m for m in ("instances", "box") if val.get(m) is not None), key=lambda m: val[m])
+    if val[split] >= val["off"] + INSTANCE_MARGIN:
+        return split, float(val[split])
+    return "off", float(val["off"])
+
+
+def collect(tasks: list[str], results_dir: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"instance_margin": INSTANCE_MARGIN, "tasks": {}}
+    for task in tasks:
+        runs = {}
+        for variant, stem in VARIANTS.items():
+            r = _load(stem, task, results_dir)
+            if r is None:
+                continue
+            mode, score = kept_mode(r["val"])
+            test = {m: r["rows"][row]["miou"] for m, row in MODES.items() if row in r["rows"]}
+            runs[variant] = {"val": {m: r["val"].get(m) for m in MODES}, "test": test, "kept_mode": mode,
+                             "val_score": score, "oracle": r["oracle_miou"], "train_s": r.get("train_s")}
+        if not runs:
+            continue
+        # the boxes run repeats the 10x10 training: it only adds the box mode to that variant
+        if "10x10 (boxes measured)" in runs and "10x10" in runs:
+            base, boxed = runs["10x10"], runs.pop("10x10 (boxes measured)")
+            base["val"]["box"], base["test"]["box"] = boxed["val"]["box"], boxed["test"].get("box")
+            base["kept_mode"], base["val_score"] = kept_mode(base["val"])
+        pick = max(runs, key=lambda v: runs[v]["val_score"])  # dict order: the paper's grid first on a tie
+        best_test = max((t, v, m) for v, r in runs.items() for m, t in r["test"].items() if t is not None)
+        chosen = runs[pick]
+        test_miou = chosen["test"][chosen["kept_mode"]]
+        out["tasks"][task] = {"variants": runs, "chosen": pick, "chosen_mode": chosen["kept_mode"],
+                              "chosen_test_miou": test_miou, "oracle": chosen["oracle"],
+                              "over_oracle": test_miou / chosen["oracle"],
+                              "paper_default_test_miou": runs["10x10"]["test"]["off"] if "10x10" in runs else None,
+                              "best_on_test": {"miou": best_test[0], "variant": best_test[1], "mode": best_test[2]}}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=["semantic:circle", "saliency", "blur", "shadow", "mirror",
+                                                   "instances"])
+    ap.add_argument("--name", default="choices")
+    args = ap.parse_args()
+    results = collect(args.tasks, RESULTS)
+    rows = []
+
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    for task, r in results["tasks"].items():
+        for variant, v in r["variants"].items():
+            val, test = v["val"], v["test"]
+            rows.append((task, variant, f(val["off"]), f(val["instances"]), f(val.get("box")),
+                         v["kept_mode"], f(test.get("off")), f(test.get("instances")), f(test.get("box")), ""))
+        rows.append((task, f"**validation picks {r['chosen']}, {r['chosen_mode']}**", "", "", "", "",
+                     "", "", "", f"test {r['chosen_test_miou']:.3f} (paper's default {f(r['paper_default_test_miou'])}"
+                     f"); oracle {r['oracle']:.3f}, ratio {r['over_oracle']:.3f}; best on test "
+                     f"{r['best_on_test']['miou']:.3f} ({r['best_on_test']['variant']}, {r['best_on_test']['mode']})"))
+    path = write_results(args.name, results, rows, (
+        "task", "variant", "val one mask", "val per instance", "val per instance + box", "kept mode",
+        "test one mask", "test per instance", "test per instance + box", "chosen"), RESULTS)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
