@@ -18,7 +18,13 @@ It also splits each kind by whether a region comes within 2 px of another region
 side by side are harder to tell apart. (Touching blurred regions, and touching shadows, are one region in the
 scene generator, :data:`alignsam.synthetic.STUFF_KINDS`; for those kinds this counts near misses.)
 
-    python benchmarks/eval_small_sam.py --checkpoint alignsam/assets/sam_small.pth [--scenes 40]
+With ``--prompts`` it also measures, per region kind, the single-output mIoU of the prompts AlignSAM sends
+besides clicks: a tight box around the region, the box with each side moved by up to 10% and 20% of its size
+(:func:`benchmarks.train_small_sam.jittered_box`), and a set of ``--grid-points`` patch centres of a 10 x 10 grid
+labelled by the region, mostly negatives (:func:`benchmarks.train_small_sam.grid_point_set`); each drawn from a
+fixed seed per scene, so every checkpoint gets the same prompts.
+
+    python benchmarks/eval_small_sam.py --checkpoint alignsam/assets/sam_small.pth [--scenes 40] [--prompts]
 """
 
 from __future__ import annotations
@@ -44,10 +50,18 @@ from alignsam.synthetic import (
     make_split,
 )
 from benchmarks.common import RESULTS, write_results
-from benchmarks.train_small_sam import VAL_SEED_START, validation_seeds
+from benchmarks.train_small_sam import (
+    VAL_SEED_START,
+    grid_point_set,
+    jittered_box,
+    region_box,
+    validation_seeds,
+)
 
 TARGET_ONE_CLICK = {"object": 0.75, "blur": 0.65, "shadow": 0.65, "mirror": 0.65}
 TARGET_CORRECTED = 0.85
+PROMPT_ROWS = ("box_tight", "box_jitter10", "box_jitter20", "grid_points")
+"""The ``--prompts`` rows, in table order."""
 AREA_BINS = (0, 200, 500, 1000, 2000, 5000)
 """Lower edges of the region-area bins (pixels; the test scenes are 256 x 256)."""
 
@@ -100,6 +114,33 @@ def evaluate_scene(
     return ious, times
 
 
+def evaluate_prompts(
+    sam: FrozenSam, image: np.ndarray, regions: list[np.ndarray], rng: np.random.Generator, grid_points: int
+) -> dict[str, np.ndarray]:
+    """IoU ``[R]`` of every region per :data:`PROMPT_ROWS` prompt (one decoder call each, SAM's single output)."""
+    emb = sam.embed(image)
+    size = emb.original_size
+    r = len(regions)
+    feats = emb.features[None].expand(r, -1, -1, -1)
+    no_points = torch.zeros(r, 0, 2)
+    no_labels = torch.zeros(r, 0, dtype=torch.long)
+    boxes = {
+        "box_tight": np.stack([region_box(m) for m in regions]),
+        "box_jitter10": np.stack([jittered_box(rng, m, 0.1) for m in regions]),
+        "box_jitter20": np.stack([jittered_box(rng, m, 0.2) for m in regions]),
+    }
+    out: dict[str, np.ndarray] = {}
+    for name, b in boxes.items():
+        probs = sam.decode(feats, no_points, no_labels, size, boxes=torch.from_numpy(b)).probs.numpy()
+        out[name] = np.array([iou(p > 0.5, m) for p, m in zip(probs, regions, strict=True)])
+    sets = [grid_point_set(rng, m, grid_points) for m in regions]
+    pts = torch.from_numpy(np.stack([xy for xy, _ in sets]))
+    labs = torch.from_numpy(np.stack([lab for _, lab in sets]))
+    probs = sam.decode(feats, pts, labs, size).probs.numpy()
+    out["grid_points"] = np.array([iou(p > 0.5, m) for p, m in zip(probs, regions, strict=True)])
+    return out
+
+
 def resolution_reference(sam: FrozenSam, regions: list[np.ndarray]) -> np.ndarray:
     """IoU ``[R]`` of each region with itself drawn through SAM's low-res logit grid (see the module docstring)."""
     size = regions[0].shape
@@ -145,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="small_sam", help="results file stem")
     parser.add_argument("--note", default="", help="Markdown appended to the results .md (e.g. the training command)")
     parser.add_argument("--state", default=None, help="training state file (adds training steps/minutes)")
+    parser.add_argument("--prompts", action="store_true",
+                        help="also box prompts (tight, jittered) and AlignSAM-like grid point sets, per region kind")
+    parser.add_argument("--grid-points", type=int, default=17, help="--prompts: points per grid point set")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -154,13 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     reference: dict[str, list[float]] = {k: [] for k in REGION_KINDS}
     touching: dict[str, list[bool]] = {k: [] for k in REGION_KINDS}
     per_family: dict[str, list[float]] = {}
+    prompt_ious: dict[str, dict[str, list[float]]] = {row: {k: [] for k in REGION_KINDS} for row in PROMPT_ROWS}
     dec_times: list[float] = []
     enc_times: list[float] = []
     t_start = time.time()
     for f, family in enumerate(FAMILIES):
         scenes = (make_split(family, "test", n=args.scenes) if args.split == "test"
                   else [make_scene(family, s) for s in validation_seeds(f, args.scenes)])
-        for scene in scenes:
+        for s_idx, scene in enumerate(scenes):
             t0 = time.perf_counter()
             sam.embed(scene.image)
             enc_times.append((time.perf_counter() - t0) * 1000.0)
@@ -174,6 +219,11 @@ def main(argv: list[str] | None = None) -> None:
                 reference[kind].append(float(r))
                 touching[kind].append(t)
             per_family.setdefault(family, []).extend(ious[:, 0].tolist())
+            if args.prompts:
+                rng = np.random.default_rng([17, f, s_idx, 0 if args.split == "test" else 1])
+                for row, vals in evaluate_prompts(sam, scene.image, scene.regions, rng, args.grid_points).items():
+                    for kind, v in zip(scene.region_kinds, vals, strict=True):
+                        prompt_ious[row][kind].append(float(v))
         print(f"{family}: done ({time.time() - t_start:.0f} s)", flush=True)
 
     results: dict[str, object] = {
@@ -224,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
                       f"{noc.mean():.2f}", f">= {TARGET_ONE_CLICK[kind]:.2f}", f">= {TARGET_CORRECTED:.2f}",
                       "yes" if met else "NO"))
     results["all_targets_met"] = all_met
+    if args.prompts:
+        results["prompts"] = {row: {k: {"regions": len(v), "miou": float(np.mean(v))} for k, v in by_kind.items() if v}
+                              for row, by_kind in prompt_ious.items()}
+        results["grid_points"] = args.grid_points
     path = write_results(args.name, results, table, headers)
     md = RESULTS / f"{args.name}.md"
     extra = [
@@ -269,6 +323,15 @@ def main(argv: list[str] | None = None) -> None:
     if "training" in results:
         tr = results["training"]
         extra += ["", f"Training: {tr['steps']} steps, {tr['scenes_seen']} scenes, {tr['minutes']:.1f} min."]
+    if args.prompts:
+        labels = {"box_tight": "tight box", "box_jitter10": "box, sides moved <= 10%",
+                  "box_jitter20": "box, sides moved <= 20%", "grid_points": f"{args.grid_points} grid points"}
+        kinds = [k for k in REGION_KINDS if k in results["kinds"]]
+        extra += ["", "Other prompts (one decoder call, single output, no mask input), mIoU per region kind:", "",
+                  "| prompt | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for row in PROMPT_ROWS:
+            extra.append(f"| {labels[row]} | "
+                         + " | ".join(f"{results['prompts'][row][k]['miou']:.3f}" for k in kinds) + " |")
     if args.note:
         extra += ["", args.note]
     md.write_text(md.read_text() + "\n".join(extra) + "\n")

@@ -11,7 +11,11 @@ Training, per step (like SAM's interactive training, scaled down):
 - ``batch_images`` scenes from the SAM-training seed range (``>= SAM_SEED_START``, disjoint from
   every benchmark split), ``regions_per_image`` regions each (non-object regions favoured);
 - round 1: one positive click in the region (its interior-most point or a random interior
-  pixel), sometimes a few extra positive / negative clicks;
+  pixel), sometimes a few extra positive / negative clicks; with ``--prompt-mix``, a share of the
+  prompts are instead AlignSAM-like point sets (3-17 patch centres of a 10 x 10 grid labelled by
+  the region, at least one positive, mostly negatives: :func:`grid_point_set`) or boxes around the
+  region with each side moved by up to 10% (sometimes 20%) of the box size, alone or with 1-3
+  points (:func:`jittered_box`); the default is clicks only, as in runs 1-12;
 - rounds 2..R: one more click from the error region of the previous (detached) prediction,
   positive on missed foreground, negative on a false positive, with the previous low-res logits
   fed back as ``mask_input`` for half of the prompts;
@@ -77,6 +81,19 @@ weights with the position embeddings resized (``--init``)::
     # its final weights (the model in /tmp/train_small_sam_state12.pt) are the asset, small-e7cc7dd966ca; it was
     # adopted by a rule fixed before it ran, on validation scenes (eval_small_sam.py --split val; small_sam.md)
 
+Run 13 (issue 17; not the asset) continues from the asset's weights with a fresh optimiser, on a prompt mix like
+AlignSAM's (``benchmarks/results/small_sam_v2.md``: how far each click-to-mask target moved)::
+
+    .venv/bin/python benchmarks/train_small_sam.py --init alignsam/assets/sam_small.pth --seed 13 \
+        --state /tmp/sam_v2/state13.pt --minutes 30 --clock cpu --eval-every 15 --threads 1 --lr 1e-4 \
+        --rounds 6 --mask-input-prob 0.5 --family-weights 0.1 0.1 0.1 0.5 0.2 --small-region-boost 3 \
+        --prompt-mix clicks=0.5,points=0.3,box=0.2 --out /tmp/sam_v2/sam_small_run13.pth
+
+Known limitation of the box prompts here: a batch pads every prompt to ``max_points`` point tokens (17 with point
+sets) before the box's two tokens, while ``FrozenSam.decode`` with a box and no points sends the two box tokens
+alone; the decoder attends to padding tokens, so what run 13 learned for boxes shows mostly with padding
+(``small_sam_v2.md``).
+
 (the exact command(s) of the committed run, with their timing, are in ``benchmarks/results/small_sam.md``).
 One torch thread on purpose: on a shared 2-core machine a niced 2-thread run stalls at every
 parallel op waiting for the thread that lost its core; the data worker uses the other core.
@@ -140,6 +157,14 @@ class TrainConfig:
     max_points: int = 5  # round-1 points incl. padding
     loss_size: int = 128  # resolution of the single-mask loss (multimask outputs: the logits' own grid, 96 at 384 px)
     val_scenes_per_family: int = 12
+    prompt_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)  # round-1 shares: clicks, grid point sets, boxes
+    grid: int = 10  # point sets: patch centres of a grid x grid map over the scene (AlignSAM's action grid)
+    grid_points: tuple[int, int] = (3, 17)  # point sets: fewest and most points (AlignSAM: up to T + 2 = 17)
+    grid_jitter: float = 0.0  # point sets: uniform jitter of each point, as a fraction of a cell
+    box_jitter: float = 0.1  # boxes: each side moved by up to this fraction of the box's width / height
+    box_wide_jitter: float = 0.2  # ... or up to this fraction, for box_wide_prob of the boxes
+    box_wide_prob: float = 0.3
+    box_points_prob: float = 0.5  # boxes: share given 1-3 points too (one positive, 0-2 negatives)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -180,6 +205,120 @@ def first_clicks(rng: np.random.Generator, region: np.ndarray, cfg: TrainConfig)
     return pts, labels
 
 
+def grid_point_set(
+    rng: np.random.Generator, region: np.ndarray, n: int, grid: int = 10, jitter: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """An AlignSAM-like prompt for one region: ``n`` distinct patch centres of a ``grid`` x ``grid`` map over
+    the scene, labelled by the region (1 inside, 0 outside). Returns ``[n, 2]`` (x, y) points in scene pixels
+    and ``[n]`` labels.
+
+    At least one point is positive: 1 .. max(1, n // 3) positive cells, the rest negatives, negatives near the
+    region (centre within one cell of it) three times as likely as the others. A region with no cell centre
+    inside gets a positive at its pixel nearest the centre of the cell it covers most (the agent's positive
+    click snapped onto the region). ``jitter`` moves each point by up to that fraction of a cell (its label
+    follows the moved point, the snapped positive stays on the region).
+    """
+    h, w = region.shape
+    ch, cw = h / grid, w / grid
+    cy = np.minimum(((np.arange(grid) + 0.5) * ch).astype(int), h - 1)
+    cx = np.minimum(((np.arange(grid) + 0.5) * cw).astype(int), w - 1)
+    gy, gx = np.meshgrid(cy, cx, indexing="ij")
+    gy, gx = gy.ravel(), gx.ravel()
+    inside = region[gy, gx]
+    near = dilate(region, math.ceil(max(ch, cw)))[gy, gx] & ~inside
+    pos_cells = np.flatnonzero(inside)
+    n_pos = int(rng.integers(1, max(1, min(len(pos_cells), n // 3)) + 1))
+    pts: list[tuple[float, float]] = []
+    if len(pos_cells):
+        for c in rng.choice(pos_cells, size=min(n_pos, len(pos_cells)), replace=False):
+            pts.append((float(gx[c]), float(gy[c])))
+        snapped = None
+    else:
+        cover = [region[int(r * ch) : int((r + 1) * ch), int(c * cw) : int((c + 1) * cw)].sum()
+                 for r in range(grid) for c in range(grid)]
+        c = int(np.argmax(cover))
+        ys, xs = np.nonzero(region)
+        i = int(np.argmin((ys - gy[c]) ** 2 + (xs - gx[c]) ** 2))
+        snapped = (float(xs[i]), float(ys[i]))
+        pts.append(snapped)
+    neg_cells = np.flatnonzero(~inside)
+    wn = np.where(near[neg_cells], 3.0, 1.0)
+    k = min(n - len(pts), len(neg_cells))
+    for c in rng.choice(neg_cells, size=k, replace=False, p=wn / wn.sum()):
+        pts.append((float(gx[c]), float(gy[c])))
+    xy = np.array(pts, np.float32)
+    if jitter > 0:
+        shift = rng.uniform(-jitter, jitter, xy.shape) * np.array([cw, ch], np.float32)
+        if snapped is not None:
+            shift[0] = 0.0
+        xy = np.clip(xy + shift, 0, [w - 1, h - 1]).astype(np.float32)
+    labels = region[xy[:, 1].astype(int), xy[:, 0].astype(int)].astype(np.int64)
+    if snapped is not None:
+        labels[0] = 1
+    return xy, labels
+
+
+def region_box(region: np.ndarray) -> np.ndarray:
+    """Tight box ``[4]`` (x0, y0, x1, y1) of a region in scene pixels (x1, y1: one past the last pixel)."""
+    ys, xs = np.nonzero(region)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
+def jittered_box(rng: np.random.Generator, region: np.ndarray, jitter: float) -> np.ndarray:
+    """The region's tight box with each side moved independently by up to ``jitter`` times the box's width
+    (x sides) or height (y sides), inwards or outwards, clipped to the scene and at least 2 px wide and high."""
+    h, w = region.shape
+    x0, y0, x1, y1 = region_box(region)
+    bw, bh = x1 - x0, y1 - y0
+    d = rng.uniform(-jitter, jitter, 4) * np.array([bw, bh, bw, bh])
+    x0, y0, x1, y1 = x0 + d[0], y0 + d[1], x1 + d[2], y1 + d[3]
+    x0, x1 = np.clip(x0, 0, w - 2), np.clip(x1, 0, w)
+    y0, y1 = np.clip(y0, 0, h - 2), np.clip(y1, 0, h)
+    x1, y1 = max(x1, x0 + 2), max(y1, y0 + 2)
+    return np.array([x0, y0, x1, y1], np.float32)
+
+
+def first_prompt(
+    rng: np.random.Generator, region: np.ndarray, cfg: TrainConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-1 prompt of one region drawn from ``cfg.prompt_mix``: points ``[P, 2]`` and labels ``[P]`` as
+    :func:`first_clicks` (``P = cfg.max_points``, -1 = padding) and a box ``[4]`` or None.
+
+    With the default mix (clicks only) it is :func:`first_clicks` and draws nothing more from ``rng``.
+    """
+    if cfg.prompt_mix[1] == 0 and cfg.prompt_mix[2] == 0:
+        pts, labels = first_clicks(rng, region, cfg)
+        return pts, labels, None
+    mix = np.array(cfg.prompt_mix) / sum(cfg.prompt_mix)
+    kind = int(rng.choice(3, p=mix))
+    if kind == 0:
+        pts, labels = first_clicks(rng, region, cfg)
+        return pts, labels, None
+    out_pts = np.zeros((cfg.max_points, 2), np.float32)
+    out_labels = np.full(cfg.max_points, -1, np.int64)
+    if kind == 1:
+        lo, hi = cfg.grid_points
+        xy, lab = grid_point_set(rng, region, int(rng.integers(lo, hi + 1)), cfg.grid, cfg.grid_jitter)
+        out_pts[: len(xy)], out_labels[: len(xy)] = xy + 0.5, lab  # pixel centres, as first_clicks
+        return out_pts, out_labels, None
+    jitter = cfg.box_wide_jitter if rng.uniform() < cfg.box_wide_prob else cfg.box_jitter
+    box = jittered_box(rng, region, jitter)
+    if rng.uniform() < cfg.box_points_prob:
+        inner = erode(erode(region))
+        out_pts[0], out_labels[0] = _random_pixel(rng, inner if inner.any() else region), 1
+        x0, y0, x1, y1 = box.astype(int)
+        in_box = np.zeros_like(region)
+        in_box[y0:y1, x0:x1] = True
+        k = 1
+        for _ in range(int(rng.integers(0, 3))):
+            q = _random_pixel(rng, in_box & ~region if rng.uniform() < 0.7 else ~region)
+            if q is not None:
+                out_pts[k], out_labels[k] = q, 0
+                k += 1
+        out_pts[:k] += 0.5
+    return out_pts, out_labels, box
+
+
 class SceneBatches(IterableDataset):
     """Endless batches of SAM-training samples, drawn on the fly (deterministic per seed offset)."""
 
@@ -198,6 +337,7 @@ class SceneBatches(IterableDataset):
         scene_seed = SAM_SEED_START + self.seed_offset + worker * 50_000_000
         while True:
             images, masks, kinds, img_idx, points, labels = [], [], [], [], [], []
+            boxes: list[np.ndarray | None] = []
             for b in range(cfg.batch_images):
                 family = FAMILIES[int(rng.choice(len(FAMILIES), p=weights))]
                 scene = make_scene(family, scene_seed)
@@ -211,13 +351,14 @@ class SceneBatches(IterableDataset):
                     chosen.append(chosen[int(rng.integers(len(chosen)))])
                 for r in chosen:
                     region = scene.regions[r]
-                    p, lab = first_clicks(rng, region, cfg)
+                    p, lab, box = first_prompt(rng, region, cfg)
+                    boxes.append(box)
                     masks.append(region)
                     kinds.append(REGION_KINDS.index(scene.region_kinds[r]))
                     img_idx.append(b)
                     points.append(p)
                     labels.append(lab)
-            yield {
+            batch = {
                 "images": torch.from_numpy(np.stack(images)),
                 "masks": torch.from_numpy(np.stack(masks)),
                 "kinds": torch.tensor(kinds),
@@ -225,6 +366,11 @@ class SceneBatches(IterableDataset):
                 "points": torch.from_numpy(np.stack(points)),
                 "labels": torch.from_numpy(np.stack(labels)),
             }
+            if cfg.prompt_mix[2] > 0:  # [N, 4] boxes (zeros where none) and [N] whether each prompt has one
+                batch["boxes"] = torch.from_numpy(np.stack([b if b is not None else np.zeros(4, np.float32)
+                                                            for b in boxes]))
+                batch["has_box"] = torch.tensor([b is not None for b in boxes])
+            yield batch
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -251,15 +397,27 @@ def decode(
     mask_input: torch.Tensor | None = None,
     use_mask: torch.Tensor | None = None,
     scale: float = 1.0,
+    boxes: torch.Tensor | None = None,
+    has_box: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt encoder + batched decoder: ``[N, C, h, w]`` embeddings, one prompt set each; ``points`` in scene
     pixels, times ``scale`` (:func:`input_scale`) in SAM's input frame.
 
     ``mask_input`` ``[N, 1, 4h, 4w]`` is used only where ``use_mask`` ``[N]`` is True (the rest get
-    SAM's learned no-mask embedding). Returns logits ``[N, 4, 4h, 4w]`` and IoU ``[N, 4]``.
+    SAM's learned no-mask embedding). ``boxes`` ``[N, 4]`` (x0, y0, x1, y1, scene pixels) are SAM's box prompt
+    where ``has_box`` ``[N]`` is True; the other prompts get two padding tokens in their place (and, as SAM does
+    with a box, no extra padding point). Returns logits ``[N, 4, 4h, 4w]`` and IoU ``[N, 4]``.
     """
     pe = model.prompt_encoder
-    sparse, dense = pe(points=(points * scale, labels), boxes=None, masks=mask_input)
+    if boxes is None:
+        sparse, dense = pe(points=(points * scale, labels), boxes=None, masks=mask_input)
+    else:
+        _, dense = pe(points=None, boxes=boxes * scale, masks=mask_input)
+        point_tokens = pe._embed_points(points * scale, labels, pad=False)
+        box_tokens = pe._embed_boxes(boxes * scale)
+        pad = pe.not_a_point_embed.weight.reshape(1, 1, -1).expand_as(box_tokens)
+        box_tokens = torch.where(has_box[:, None, None], box_tokens, pad)
+        sparse = torch.cat([point_tokens, box_tokens], dim=1)
     if mask_input is not None and use_mask is not None:
         no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
         dense = torch.where(use_mask[:, None, None, None], dense, no_mask)
@@ -385,12 +543,15 @@ def train_step(
     emb = model.image_encoder(preprocess(model, batch["images"]))[batch["img_idx"]]
     target = batch["masks"]
     points, labels = batch["points"], batch["labels"]
+    boxes, has_box = batch.get("boxes"), batch.get("has_box")
     total = torch.zeros(())
     logs: dict[str, float] = {}
     mask_input = None
     use_mask = None
     for r in range(cfg.rounds):
-        logits, iou_pred = decode(model, emb, points, labels, mask_input, use_mask, input_scale(model, target.shape[-1]))
+        logits, iou_pred = decode(
+            model, emb, points, labels, mask_input, use_mask, input_scale(model, target.shape[-1]), boxes, has_box
+        )
         per, iou = seg_losses(logits[:, :1], target, cfg.loss_size)
         loss = per[:, 0].mean() + F.mse_loss(iou_pred[:, 0], iou[:, 0])
         if r == 0:  # SAM's ambiguity-aware loss: only the best of the three multimask outputs
@@ -408,6 +569,24 @@ def train_step(
     total = total / cfg.rounds
     logs["loss"] = float(total.detach())
     return total, logs
+
+
+PROMPT_KINDS = ("clicks", "points", "box")
+"""Round-1 prompt kinds of ``--prompt-mix``, in the order of :attr:`TrainConfig.prompt_mix`."""
+
+
+def parse_prompt_mix(text: str) -> tuple[float, float, float]:
+    """``"clicks=0.5,points=0.3,box=0.2"`` -> ``(0.5, 0.3, 0.2)`` (kinds left out: 0). Raises ValueError on an
+    unknown kind, a negative share or all zero."""
+    shares = dict.fromkeys(PROMPT_KINDS, 0.0)
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in shares:
+            raise ValueError(f"unknown prompt kind {name.strip()!r} (one of {', '.join(PROMPT_KINDS)})")
+        shares[name.strip()] = float(value)
+    if min(shares.values()) < 0 or sum(shares.values()) <= 0:
+        raise ValueError("shares: non-negative, not all zero")
+    return shares["clicks"], shares["points"], shares["box"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -439,6 +618,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small-region-boost", type=float, default=None, metavar="B",
                         help="draw regions under TrainConfig.small_region_area pixels B times as often "
                         "(default: TrainConfig, 1)")
+    parser.add_argument("--prompt-mix", default=None, metavar="clicks=A,points=B,box=C",
+                        help="round-1 prompt kinds and their shares: clicks (the interior click of runs 1-12), "
+                        "points (AlignSAM-like sets of 3-17 grid patch centres labelled by the region, mostly "
+                        "negatives), box (a jittered box, alone or with 1-3 points); default: clicks only")
+    parser.add_argument("--grid-jitter", type=float, default=None,
+                        help="point sets: jitter as a fraction of a grid cell (default: TrainConfig, 0)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -460,6 +645,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.small_region_boost <= 0:
             parser.error("--small-region-boost: positive")
         cfg.small_region_boost = args.small_region_boost
+    if args.prompt_mix is not None:
+        try:
+            cfg.prompt_mix = parse_prompt_mix(args.prompt_mix)
+        except ValueError as exc:
+            parser.error(f"--prompt-mix: {exc}")
+        if cfg.prompt_mix[1] > 0:
+            cfg.max_points = max(cfg.max_points, cfg.grid_points[1])
+    if args.grid_jitter is not None:
+        cfg.grid_jitter = args.grid_jitter
     spec = get_spec(cfg.preset)
     if args.image_size is not None:
         spec = dataclasses.replace(spec, image_size=args.image_size)
