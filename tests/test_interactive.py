@@ -3,11 +3,21 @@ SAM's answers to clicks and boxes on the bundled small SAM (real weights, synthe
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 
-from alignsam.interactive import STRATEGIES, InteractiveError, Start, combine, correct, correct_many, route_clicks
+from alignsam.interactive import (
+    STRATEGIES,
+    InteractiveError,
+    Start,
+    combine,
+    correct,
+    correct_many,
+    route_clicks,
+)
 from alignsam.loading import load_sam
 from alignsam.metrics import iou
 from alignsam.sam import FrozenSam
@@ -131,7 +141,6 @@ def test_a_split_start_keeps_its_instances_through_bytes_and_old_caches_read_wit
     assert back.split and back.instance_points == groups
     assert back.instance_masks is not None and np.array_equal(back.instance_masks, masks)
     # A start cached before instances existed (no instance arrays in the .npz) reads as not split.
-    import io
     buf = io.BytesIO()
     np.savez_compressed(buf, points=np.asarray(POLICY, np.float32), low_res=LOW.astype(np.float16),
                         size=np.asarray((8, 8)))
