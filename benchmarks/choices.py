@@ -59,11 +59,11 @@ def collect(tasks: list[str], results_dir: Path) -> dict[str, Any]:
                              "val_score": score, "oracle": r["oracle_miou"], "train_s": r.get("train_s")}
         if not runs:
             continue
-        # the boxes run repeats the 10x10 training: it only adds the box mode to that variant
-        if "10x10 (boxes measured)" in runs and "10x10" in runs:
-            base, boxed = runs["10x10"], runs.pop("10x10 (boxes measured)")
-            base["val"]["box"], base["test"]["box"] = boxed["val"]["box"], boxed["test"].get("box")
-            base["kept_mode"], base["val_score"] = kept_mode(base["val"])
+        # The boxes run repeats the 10x10 training on the machine the other variants ran on (instances.json ran on
+        # another CPU, whose floating point gives slightly different policies): where it exists it is the 10x10 row.
+        if "10x10 (boxes measured)" in runs:
+            runs["10x10"] = runs.pop("10x10 (boxes measured)")
+            runs = {"10x10": runs.pop("10x10"), **runs}
         pick = max(runs, key=lambda v: runs[v]["val_score"])  # dict order: the paper's grid first on a tie
         best_test = max((t, v, m) for v, r in runs.items() for m, t in r["test"].items() if t is not None)
         chosen = runs[pick]
