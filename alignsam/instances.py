@@ -15,7 +15,7 @@ So, after the policy's episode:
 Optionally (``boxes=True``) each instance's prompt also carries a box: the component's bounding cells on the SRM's
 grid, in image pixels. SAM is trained on boxes, so a box tells it the instance's extent where a few points do not;
 whether a label uses it is chosen by validation too (the bundled small SAM answers boxes badly, so on the testbed
-it is rejected; see ``benchmarks/results/instances_notes.md``).
+it is rejected; see ``benchmarks/results/choices.md``).
 
 With fewer than two components the policy's own mask is kept. Whether a label uses this is chosen by validation
 at training (:func:`alignsam.train.train` records it as the bundle's ``instances``): on single-region families
