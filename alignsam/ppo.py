@@ -297,7 +297,8 @@ def ppo_update(
 
     The states are rebuilt from ``embeddings[image_index] * prev_mask``. Because :meth:`PromptAgent.pool_state`
     has no parameters, this is done once per update (in chunks, without gradients) and the K epochs reuse the
-    small pooled states; it is the same computation as rebuilding them in every minibatch, 20x cheaper.
+    small pooled states (as the stem's inputs, :meth:`PromptAgent.stem_inputs`); it is the same computation as
+    rebuilding them in every minibatch, 20x cheaper.
 
     Arguments:
       agent (PromptAgent): the actor-critic, trained in place.
@@ -333,11 +334,13 @@ def ppo_update(
     flat = buffer.flatten()
     pooled = _pool_states(agent, embeddings, flat["image_index"], flat["prev_mask"])
     history = flat["history"].to(device)
+    with torch.no_grad():  # parameter-free, so built once for the K epochs
+        tokens = agent.stem_inputs(pooled, history)
     action = flat["action"].to(device)
     old_logprob = flat["logprob"].to(device)
 
     # 3. K epochs of minibatch steps.
-    n = pooled.shape[0]
+    n = tokens.shape[0]
     minibatch = cfg.minibatch_size or n
     totals = {"actor_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_frac": 0.0}
     updates = 0
@@ -349,7 +352,7 @@ def ppo_update(
             order = torch.randperm(n, generator=generator).to(device)
             batches = [order[start : start + minibatch] for start in range(0, n, minibatch)]
         for idx in batches:
-            logits, value = agent.forward_pooled(pooled[idx], history[idx])
+            logits, value = agent.forward_tokens(tokens[idx], history[idx])
             dist = policy_distribution(logits, history[idx], cfg.mask_repeats)
             losses = ppo_losses(
                 dist.log_prob(action[idx]),

@@ -151,3 +151,45 @@ def test_float16_embeddings_and_masks_are_accepted() -> None:
     half = agent(embedding.half(), prev_mask.half(), history.bool())
     assert half[0].dtype == torch.float32
     torch.testing.assert_close(half, full, rtol=1e-2, atol=1e-2)
+
+
+def _reference_forward(agent: PromptAgent, pooled: torch.Tensor, history: torch.Tensor):
+    """The agent's function written out op by op, as the module docstring states it (no fused kernels)."""
+    tokens = pooled.flatten(2).transpose(1, 2)
+    f = agent.stem(tokens)
+    if agent.stem_history is not None:
+        f = f + history[:, :, None] * agent.stem_history
+    f = torch.relu(agent.stem_norm(f))
+    g = f.mean(dim=1)
+    z = torch.relu(agent.policy_cell(f) + agent.policy_global(g)[:, None])
+    logits = agent.policy_out(z).squeeze(2)
+    value_in = [g, history] if agent.stem_history is not None else [g]
+    return logits, agent.value_head(torch.cat(value_in, dim=1)).squeeze(1)
+
+
+@pytest.mark.parametrize("use_history", [True, False])
+def test_fused_forward_is_the_reference_function_with_the_same_gradients(use_history: bool) -> None:
+    torch.manual_seed(3)
+    agent = PromptAgent(24, grid=(6, 5), hidden=8, use_history=use_history, state_channels=6)
+    emb, mask = torch.randn(4, 24, 12, 12), torch.rand(4, 1, 12, 12)
+    agent.fit_projection(emb)
+    pooled = agent.pool_state(emb, mask)
+    history = (torch.rand(4, 30) < 0.3).float()
+
+    def loss_and_grads(fn):
+        agent.zero_grad()
+        logits, value = fn(pooled, history)
+        loss = (logits.sin() * torch.arange(30.0)).sum() + value.pow(2).sum()
+        loss.backward()
+        return logits.detach(), value.detach(), [p.grad.clone() for p in agent.parameters() if p.grad is not None]
+
+    got = loss_and_grads(agent.forward_pooled)
+    want = loss_and_grads(lambda p, h: _reference_forward(agent, p, h))
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    assert len(got[2]) == len(want[2])
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # PPO's path (inputs built once, reused by every epoch) is the same function.
+    tokens = agent.stem_inputs(pooled, history)
+    torch.testing.assert_close(agent.forward_tokens(tokens, history)[0], got[0])
