@@ -370,13 +370,14 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
                    baseline=baseline)
     policy = result.policy
     new_miou = float(policy.val_metrics["miou"])
-    interactive = _choose_interactive(run, target, samples, result)
+    held_out = _held_out_predictions(run, target, samples, result)
+    interactive = _choose_interactive(run, target, result, held_out)
     choices = {"candidates": result.candidates, "chosen_candidate": result.chosen or policy.branch,
                "instance_metrics": result.instance_metrics, "instance_candidates": result.instance_candidates}
     bundle = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id,
                            extra=jsonable({**interactive, **choices}))
     version = bundle.stem
-    _draw_pictures(run, target.label, samples, result, bundle)
+    _draw_pictures(run, target.label, result, bundle, held_out)
     # The active policy, validated on the same held-out images as the new one (its own recorded validation score
     # when it cannot be loaded, e.g. made for other SAM weights).
     if result.baseline_metrics is not None:
@@ -396,39 +397,55 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
     return entry
 
 
-def _choose_interactive(run: _TrainingRun, target: Target, samples: Sequence[Sample], result: Any) -> dict[str, Any]:
-    """How an annotator's clicks on this label combine with the new policy's pre-label: the strategy
-    (:data:`alignsam.interactive.STRATEGIES`) that needs the fewest simulated clicks (NoC@90, then NoC@85; the
-    simulated annotator of :mod:`alignsam.effort`) on the held-out images, with every candidate's scores:
-    ``{"interactive_strategy": s, "interactive_scores": {s: {"noc@90", "noc@85", ...}}}`` (kept in the bundle's
-    metadata; ``INTERACTIVE_STRATEGY=auto`` uses it). Costs one policy rollout per held-out image plus at most 20
-    decodes per image and candidate. ``{}`` (and a warning) when it cannot be measured: the worker then uses
-    :data:`workers.interactive.DEFAULT_STRATEGY`.
-    """
+def _held_out_predictions(run: _TrainingRun, target: Target, samples: Sequence[Sample],
+                          result: Any) -> tuple[list[Sample], list[Any]] | None:
+    """The new policy's pre-labels of the label's held-out images (``result.val_names``, in that order):
+    ``(samples, predictions)``, made as the label's pre-labels will be (per instance when its training chose
+    that). One rollout per image, shared by the strategy choice and the gallery. None (and a warning) when there
+    are none or they cannot be made."""
     try:
         from alignsam.bundle import Bundle
-        from alignsam.effort import choose_strategy
         from alignsam.predict import AlignSAM
-        from workers.interactive import start_of
 
         by_name = {s.name: s for s in samples}
         held_out = [by_name[n] for n in result.val_names if n in by_name]
         if not held_out:
-            return {}
+            return None
         p = result.policy
-        # The pre-label as the label's pre-labels will be (per instance when its training chose that), so that
-        # "per-instance" competes on the starts it would really get.
         meta = {"text": target.prompt, "version": "validation", "branch": p.branch, "instances": p.instances,
                 "instance_boxes": p.instance_boxes}
         model = AlignSAM(run.m.sam, Bundle(p.agent, p.srm, p.config, meta), run.m.clip)
-        images = [s.image for s in held_out]
-        predictions = model.predict(images)
-        embeddings = run.m.sam.embed_many(images)
+        return held_out, model.predict([s.image for s in held_out])
+    except Exception as exc:
+        logger.warning("project %s label %s: the held-out images were not pre-labelled (%s: %s)", run.project_id,
+                       target.label, type(exc).__name__, exc, exc_info=True)
+        return None
+
+
+def _choose_interactive(run: _TrainingRun, target: Target, result: Any,
+                        held_out: tuple[list[Sample], list[Any]] | None) -> dict[str, Any]:
+    """How an annotator's clicks on this label combine with the new policy's pre-label: the strategy
+    (:data:`alignsam.interactive.STRATEGIES`) that needs the fewest simulated clicks (NoC@90, then NoC@85; the
+    simulated annotator of :mod:`alignsam.effort`) on the held-out images (``held_out``: them and their
+    pre-labels, from :func:`_held_out_predictions`), with every candidate's scores:
+    ``{"interactive_strategy": s, "interactive_scores": {s: {"noc@90", "noc@85", ...}}}`` (kept in the bundle's
+    metadata; ``INTERACTIVE_STRATEGY=auto`` uses it). Costs at most 20 decodes per image and candidate. ``{}``
+    (and a warning) when it cannot be measured: the worker then uses
+    :data:`workers.interactive.DEFAULT_STRATEGY`.
+    """
+    if held_out is None:
+        return {}
+    try:
+        from alignsam.effort import choose_strategy
+        from workers.interactive import start_of
+
+        shown, predictions = held_out
+        embeddings = run.m.sam.embed_many([s.image for s in shown])
         starts = [start_of(pred, emb.original_size) for pred, emb in zip(predictions, embeddings, strict=True)]
-        best, scores = choose_strategy(run.m.sam, embeddings, [s.mask for s in held_out],
+        best, scores = choose_strategy(run.m.sam, embeddings, [s.mask for s in shown],
                                        [pred.mask for pred in predictions], starts)
         logger.info("project %s label %s: clicks start from the pre-label with %s (NoC@90 %.2f on %d held-out "
-                    "images)", run.project_id, target.label, best, scores[best]["noc@90"], len(held_out))
+                    "images)", run.project_id, target.label, best, scores[best]["noc@90"], len(shown))
         return {"interactive_strategy": best, "interactive_scores": jsonable(scores)}
     except Exception as exc:
         logger.warning("project %s label %s: the interactive strategy was not chosen (%s: %s)", run.project_id,
@@ -436,16 +453,17 @@ def _choose_interactive(run: _TrainingRun, target: Target, samples: Sequence[Sam
         return {}
 
 
-def _draw_pictures(run: _TrainingRun, label: str, samples: Sequence[Sample], result: Any, bundle: Path) -> None:
+def _draw_pictures(run: _TrainingRun, label: str, result: Any, bundle: Path,
+                   held_out: tuple[list[Sample], list[Any]] | None) -> None:
     """The pictures of one label's training next to its bundle: ``<version>.gallery.png`` (the new policy's
-    predictions on at most :data:`alignsam.pictures.GALLERY_ROWS` held-out images, those ``result.candidates``
-    were measured on) and ``<version>.curve.png`` (every SRM branch's episodes, the validation choices).
+    pre-labels of at most :data:`alignsam.pictures.GALLERY_ROWS` held-out images, those ``result.candidates``
+    were measured on: the first of ``held_out``, from :func:`_held_out_predictions`; no gallery without them) and
+    ``<version>.curve.png`` (every SRM branch's episodes, the validation choices).
 
     Never fails the training: any error is logged as a warning and the job goes on without pictures.
     """
     try:
         from alignsam.pictures import GALLERY_ROWS, gallery, learning_curve
-        from alignsam.predict import AlignSAM
         from ml_backend.files import picture_name, private_file
 
         version = bundle.stem
@@ -455,11 +473,10 @@ def _draw_pictures(run: _TrainingRun, label: str, samples: Sequence[Sample], res
         learning_curve(result.histories or {chosen: result.policy.history}, curve, candidates=result.candidates,
                        chosen=chosen, baseline=result.baseline_metrics, title=title)
         private_file(curve)
-        by_name = {s.name: s for s in samples}
-        shown = [by_name[n] for n in result.val_names if n in by_name][:GALLERY_ROWS]
+        if held_out is None:
+            return
+        shown, predictions = held_out[0][:GALLERY_ROWS], held_out[1][:GALLERY_ROWS]
         on = (result.candidates.get(chosen) or {}).get("on", "validation")
-        model = AlignSAM.from_bundle(bundle, run.m.sam, clip=run.m.clip)
-        predictions = model.predict([s.image for s in shown])
         path = bundle.with_name(picture_name(version, "gallery"))
         grid = "x".join(str(n) for n in result.policy.config.grid)
         gallery(shown, predictions, path, title=f"{title} · {result.policy.branch} SRM · {grid} grid · {on} images")
