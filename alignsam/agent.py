@@ -212,7 +212,7 @@ class PromptAgent(nn.Module):
         # tensors, so it is written in as few as give the same function: the history term is the stem weight's
         # last column (the rank-1 addcmul folded into the matmul), the global term is baddbmm's per-sample
         # bias (no broadcast add), and the ReLUs run in place (LayerNorm's and baddbmm's backward do not read
-        # their outputs). 16 x 16 grid: ~25% less per epoch (benchmarks/results/training_cpu_small_choices.md).
+        # their outputs). 16 x 16 grid: 20-28% less per epoch (benchmarks/results/method_notes.md).
         weight = self.stem.weight
         if self.stem_history is not None:
             weight = torch.cat([weight, self.stem_history[:, None]], dim=1)
