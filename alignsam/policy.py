@@ -43,6 +43,10 @@ class TrainConfig:
     # With per-instance prompts: also give SAM each instance's box (alignsam.instances.component_box): "auto" (kept
     # when it validates better than points alone), "off", "on". Unused while ``instances`` is "off".
     instance_boxes: Literal["auto", "off", "on"] = "auto"
+    # Feed SAM's previous low-res logits back as ``mask_input`` at inference: "off" (keep ``use_mask_input``), "auto"
+    # (the kept policy is validated with the other setting too, switched when that scores INSTANCE_MARGIN higher;
+    # what the backend's training uses). See alignsam.train._mask_feedback.
+    mask_feedback: Literal["auto", "off"] = "off"
 
     def env_config(self) -> EnvConfig:
         return EnvConfig(grid=self.grid, steps=self.ppo.steps, use_mask_input=self.use_mask_input)

@@ -98,6 +98,10 @@ class TrainResult:
     # instance's box ("box"), on the same images; ``instance_metrics`` is the chosen candidate's better mode. Empty
     # when ``TrainConfig.instances`` is "off".
     instance_candidates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # The kept policy (in its kept instance mode) validated with SAM's previous low-res logits fed back as
+    # ``mask_input`` ("on") and without ("off"), on the same images; None when ``TrainConfig.mask_feedback`` is
+    # "off". ``policy.config.use_mask_input`` says which was kept.
+    mask_feedback: dict[str, dict[str, float]] | None = None
 
 
 def candidate_name(branch: str, grid: Sequence[int], default_grid: Sequence[int]) -> str:
@@ -443,7 +447,12 @@ def train(
     if chosen in instance_candidates:
         modes = instance_candidates[chosen]
         instance_metrics = modes[max(modes, key=lambda k: modes[k]["miou"])]
-    logger.info("kept %s, instances: %s, boxes: %s", chosen, best.instances, best.instance_boxes)
+    mask_feedback = None
+    if cfg.mask_feedback == "auto":
+        with clock("validation"):
+            mask_feedback = _mask_feedback(sam, enc, srm_in, best, held_out, "validation" if val_idx else "training")
+    logger.info("kept %s, instances: %s, boxes: %s, mask feedback: %s", chosen, best.instances, best.instance_boxes,
+                best.config.use_mask_input)
     baseline_metrics = None
     if baseline is not None:
         agent_b, srm_b, cfg_b = baseline
@@ -464,7 +473,28 @@ def train(
         callback(Progress(stage="done", branch=best.branch, val_miou=best.val_metrics["miou"],
                           elapsed_s=time.perf_counter() - t0))
     return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics,
-                       histories, [samples[i].name for i in held_out], instance_metrics, chosen, instance_candidates)
+                       histories, [samples[i].name for i in held_out], instance_metrics, chosen, instance_candidates,
+                       mask_feedback)
+
+
+def _mask_feedback(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, policy: TrainedPolicy, held_out: Sequence[int],
+                   on: str) -> dict[str, dict[str, float]]:
+    """Validates ``policy`` (in its kept instance mode) with the other setting of mask feedback (SAM's previous
+    low-res logits as ``mask_input`` at every step) and switches its config to it when it scores
+    ``INSTANCE_MARGIN`` higher. Returns ``{"off": metrics, "on": metrics}``; changes ``policy`` in place.
+
+    An inference-time choice: the agent was trained with ``policy.config.use_mask_input`` (the paper: off) and is
+    validated, not retrained, with the other setting; one more validation pass instead of one more training run
+    per candidate. Measured when trained with it: within noise on the testbed (benchmarks/results/choices.md)."""
+    current = "on" if policy.config.use_mask_input else "off"
+    other_cfg = replace(policy.config, use_mask_input=not policy.config.use_mask_input)
+    other = evaluate_policy(sam, enc, srm_in, policy.agent, policy.srm, held_out, other_cfg,
+                            instances=policy.instances, boxes=policy.instance_boxes)
+    other["on"] = on  # type: ignore[assignment]
+    scores = {current: dict(policy.val_metrics), ("off" if current == "on" else "on"): other}
+    if other["miou"] >= policy.val_metrics["miou"] + INSTANCE_MARGIN:
+        policy.config, policy.val_metrics = other_cfg, dict(other)
+    return scores
 
 
 def _instance_modes(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgent, srm: SRM,

@@ -49,12 +49,12 @@ ROWS = {"AlignSAM": {}, "w/o RL": {"actions": "random"}, "w/o SRM": {"labels": "
 
 
 def _same_training(meta: dict[str, Any], cfg: TrainConfig, task: str, n_train: int, sam_id: str) -> bool:
-    """Whether a cached bundle was trained exactly as ``cfg`` asks, with the same SAM (the instance choices aside:
+    """Whether a cached bundle was trained exactly as ``cfg`` asks, with the same SAM (the inference-time choices aside:
     made here; ``grids`` too: the benchmark trains one grid per bundle)."""
     have = dict(meta.get("config") or {})
     want = json.loads(json.dumps(cfg.to_dict()))
     for d in (have, want):
-        for key in ("instances", "instance_boxes", "grids"):
+        for key in ("instances", "instance_boxes", "grids", "mask_feedback"):
             d.pop(key, None)
     return meta.get("task", task) == task and meta.get("train_samples") in (n_train, round(n_train * 0.8)) \
         and have == want and meta.get("sam_model_id", sam_id) == sam_id

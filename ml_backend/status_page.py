@@ -141,8 +141,30 @@ def _sidecar_metrics(settings: Settings, project_id: int, version: str | None) -
 
 
 def _instances(settings: Settings, project_id: int, version: str | None) -> str | None:
-    """``"per instance · val mIoU per instance 0.856, one mask 0.594"``: the training's instance choice with its
-    scores (per-instance prompts with points alone and with boxes, when both were validated)."""
+    """``"per instance · val mIoU per instance 0.856, one mask 0.594 · mask feedback off (on 0.850)"``: the
+    training's instance choice with its scores (per-instance prompts with points alone and with boxes, when both
+    were validated), then its mask-feedback choice when it made one."""
+    text = _instance_choice(settings, project_id, version)
+    feedback = _mask_feedback(_sidecar(settings, project_id, version))
+    if text is None or feedback is None:
+        return text or feedback
+    return f"{text} · {feedback}"
+
+
+def _mask_feedback(meta: Mapping[str, Any]) -> str | None:
+    """``"mask feedback off (on 0.850)"``: whether the policy feeds SAM's previous mask back, and the other
+    setting's validation mIoU; None for bundles that did not validate it."""
+    scores = meta.get("mask_feedback")
+    if not isinstance(scores, Mapping):
+        return None
+    config = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+    kept = "on" if config.get("use_mask_input") is True else "off"
+    other = "off" if kept == "on" else "on"
+    miou = _float(scores[other].get("miou")) if isinstance(scores.get(other), Mapping) else None
+    return f"mask feedback {kept}" + (f" ({other} {miou:.3f})" if miou is not None else "")
+
+
+def _instance_choice(settings: Settings, project_id: int, version: str | None) -> str | None:
     meta = _sidecar(settings, project_id, version)
     if not isinstance(meta.get("instances"), bool):
         return None

@@ -107,3 +107,36 @@ def test_with_instances_every_candidate_is_validated_in_each_mode_and_the_best_k
 
     assert result.chosen == max(result.candidates, key=kept_score)
     assert result.policy.val_metrics["miou"] == kept_score(result.chosen)
+
+
+@pytest.mark.parametrize(("margin", "kept_on"), [(-1.0, True), (1.0, False)])
+def test_mask_feedback_is_validated_and_kept_only_when_it_validates_better(monkeypatch, tmp_path, margin: float,
+                                                                           kept_on: bool) -> None:
+    import importlib
+
+    train_module = importlib.import_module("alignsam.train")  # the package's ``train`` attribute is the function
+    monkeypatch.setattr(train_module, "INSTANCE_MARGIN", margin)  # -1: any score wins; 1: none can
+    sam = FrozenSam.from_preset("tiny", seed=0)
+    samples = bright_disc_samples(6, seed=2)
+    cfg = TrainConfig(ppo=PPOConfig(episodes=1, steps=2, epochs=1), grid=(6, 6), branch="implicit", seed=3,
+                      mask_feedback="auto")
+    result = train(sam, samples, cfg)
+    assert set(result.mask_feedback or {}) == {"off", "on"}
+    assert all(0.0 <= m["miou"] <= 1.0 for m in result.mask_feedback.values())
+    policy = result.policy
+    assert policy.config.use_mask_input is kept_on
+    assert policy.val_metrics["miou"] == result.mask_feedback["on" if kept_on else "off"]["miou"]
+    assert train(sam, samples, dataclasses.replace(cfg, mask_feedback="off")).mask_feedback is None
+    # Inference follows the kept setting: SAM gets the previous low-res logits back from the second step on.
+    save_bundle(policy, tmp_path / "p.pt", sam, text="disc")
+    model = AlignSAM(sam, load_bundle(tmp_path / "p.pt", sam))
+    fed_back: list[bool] = []
+    decode = sam.decode
+
+    def spy(*args, **kwargs):
+        fed_back.append(kwargs.get("mask_input") is not None)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(sam, "decode", spy)
+    model.predict([samples[0].image])
+    assert any(fed_back) is kept_on
