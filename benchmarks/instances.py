@@ -154,9 +154,11 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS))
+def task_arguments(doc: str | None, tasks: list[str]) -> argparse.ArgumentParser:
+    """The arguments this benchmark shares with the others that train (or reuse) one policy per task: the tasks,
+    the split sizes, the paper's E and K, the seed, threads, device and the bundle cache."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=tasks)
     ap.add_argument("--train", type=int, default=50)
     ap.add_argument("--val", type=int, default=30)
     ap.add_argument("--test", type=int, default=200)
@@ -166,6 +168,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=resolve_device("auto"))
     ap.add_argument("--bundle-dir", default="/tmp/noc/cache", help="trained bundles (benchmarks/noc.py's cache)")
+    return ap
+
+
+def main() -> None:
+    ap = task_arguments(__doc__, list(TASKS))
     ap.add_argument("--grid", type=int, nargs=2, default=(10, 10), metavar=("ROWS", "COLS"),
                     help="the action grid (the paper: 10 10)")
     ap.add_argument("--mask-input", action="store_true", help="feed the previous low-res logits back to SAM")

@@ -24,14 +24,14 @@ import torch
 
 from alignsam import metrics
 from alignsam.bundle import Bundle
-from alignsam.loading import load_sam, resolve_device
+from alignsam.loading import load_sam
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
 from alignsam.synthetic.quality import task_samples
 from alignsam.train import INSTANCE_MARGIN
 from benchmarks.common import RESULTS, write_results
-from benchmarks.instances import policy_for
+from benchmarks.instances import policy_for, task_arguments
 
 # The grid validation picked per task in choices.md (the bundles benchmarks/instances.py trained and cached).
 PICKED_GRID = {"semantic:circle": (16, 16), "shadow": (16, 16), "saliency": (10, 10), "blur": (10, 10),
@@ -66,17 +66,7 @@ def run_task(sam: Any, task: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(PICKED_GRID))
-    ap.add_argument("--train", type=int, default=50)
-    ap.add_argument("--val", type=int, default=30)
-    ap.add_argument("--test", type=int, default=200)
-    ap.add_argument("--episodes", type=int, default=50)
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default=resolve_device("auto"))
-    ap.add_argument("--bundle-dir", default="/tmp/noc/cache", help="trained bundles (benchmarks/instances.py's cache)")
+    ap = task_arguments(__doc__, list(PICKED_GRID))
     ap.add_argument("--name", default="mask_feedback")
     args = ap.parse_args()
     if args.threads:
