@@ -89,10 +89,19 @@ AlignSAM's (``benchmarks/results/small_sam_v2.md``: how far each click-to-mask t
         --rounds 6 --mask-input-prob 0.5 --family-weights 0.1 0.1 0.1 0.5 0.2 --small-region-boost 3 \
         --prompt-mix clicks=0.5,points=0.3,box=0.2 --out /tmp/sam_v2/sam_small_run13.pth
 
-Known limitation of the box prompts here: a batch pads every prompt to ``max_points`` point tokens (17 with point
-sets) before the box's two tokens, while ``FrozenSam.decode`` with a box and no points sends the two box tokens
-alone; the decoder attends to padding tokens, so what run 13 learned for boxes shows mostly with padding
-(``small_sam_v2.md``).
+Up to run 13 a batch padded every prompt to ``max_points`` point tokens (17 with point sets) and the decoder
+attended to that padding, while ``FrozenSam.decode`` with a box and no points sends the box's two tokens alone: what
+run 13 learned for boxes showed mostly with padding (``small_sam_v2.md``). From run 14 on, :func:`decode` masks the
+padding slots out of the decoder's attention, so every prompt kind is trained with exactly the token layout of
+inference (see its docstring). Run 14 (issue 17; ``benchmarks/results/small_sam_v3.md``; not the asset) continues
+from the asset with that layout, more boxes, and the weights written to ``--out`` chosen by the test protocol on
+validation scenes (``--val-scenes``: box and 17-point mIoU, among the checkpoints that keep every click row)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_small_sam.py --init alignsam/assets/sam_small.pth \
+        --seed 14 --state /tmp/sam_v3/state14.pt --minutes 32 --clock wall --eval-every 11 --threads 1 --lr 1e-4 \
+        --rounds 6 --mask-input-prob 0.5 --family-weights 0.1 0.1 0.1 0.5 0.2 --small-region-boost 3 \
+        --prompt-mix clicks=0.55,points=0.1,box=0.35 --val-scenes 8 --workers 0 \
+        --out /tmp/sam_v3/sam_small_run14.pth
 
 (the exact command(s) of the committed run, with their timing, are in ``benchmarks/results/small_sam.md``).
 One torch thread on purpose: on a shared 2-core machine a niced 2-thread run stalls at every
@@ -119,7 +128,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alignsam.sam import build_sam, get_spec, predict_masks_batched, save_checkpoint
+from alignsam.sam import build_sam, get_spec, save_checkpoint
 from alignsam.synthetic import (
     FAMILIES,
     REGION_KINDS,
@@ -401,27 +410,103 @@ def decode(
     has_box: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt encoder + batched decoder: ``[N, C, h, w]`` embeddings, one prompt set each; ``points`` in scene
-    pixels, times ``scale`` (:func:`input_scale`) in SAM's input frame.
+    pixels, times ``scale`` (:func:`input_scale`) in SAM's input frame; label -1 marks a padding slot.
 
     ``mask_input`` ``[N, 1, 4h, 4w]`` is used only where ``use_mask`` ``[N]`` is True (the rest get
     SAM's learned no-mask embedding). ``boxes`` ``[N, 4]`` (x0, y0, x1, y1, scene pixels) are SAM's box prompt
-    where ``has_box`` ``[N]`` is True; the other prompts get two padding tokens in their place (and, as SAM does
-    with a box, no extra padding point). Returns logits ``[N, 4, 4h, 4w]`` and IoU ``[N, 4]``.
+    where ``has_box`` ``[N]`` is True. Returns logits ``[N, 4, 4h, 4w]`` and IoU ``[N, 4]``.
+
+    Token layout (run 14, issue 17): every prompt reaches the decoder as exactly the tokens SAM's
+    ``PromptEncoder`` gives it at inference (``FrozenSam.decode``): its real points, then SAM's one not-a-point
+    token if it has no box, or the box's two corner tokens (a box alone: just those two). The batch still
+    stacks prompts of different lengths into one tensor: the padding slots (label -1, and the unused second slot
+    of a prompt without a box) are *masked out* as attention keys (:func:`predict_masks_masked`). In SAM's
+    two-way transformer the prompt tokens are keys only in the tokens' self-attention and in the image-to-token
+    attention, and nothing orders the tokens (no positional encoding along the sequence), so a masked token
+    cannot reach the image, the output tokens or another prompt token, and each prompt's outputs equal those of
+    its unpadded layout (to float rounding; ``tests/test_train_small_sam.py`` checks box-only, box + points and
+    click prompts against ``FrozenSam.decode``). Up to run 13 the padding tokens were attended to: clicks were
+    trained with up to 4 (runs 1-12) or 18 (run 13) extra not-a-point tokens and boxes with 17, none of which
+    inference sends. One decoder call per round for the whole batch, unlike grouping prompts by length.
     """
     pe = model.prompt_encoder
-    if boxes is None:
-        sparse, dense = pe(points=(points * scale, labels), boxes=None, masks=mask_input)
-    else:
-        _, dense = pe(points=None, boxes=boxes * scale, masks=mask_input)
-        point_tokens = pe._embed_points(points * scale, labels, pad=False)
-        box_tokens = pe._embed_boxes(boxes * scale)
-        pad = pe.not_a_point_embed.weight.reshape(1, 1, -1).expand_as(box_tokens)
-        box_tokens = torch.where(has_box[:, None, None], box_tokens, pad)
-        sparse = torch.cat([point_tokens, box_tokens], dim=1)
+    n = points.shape[0]
+    if has_box is None:
+        has_box = torch.zeros(n, dtype=torch.bool)
+    _, dense = pe(points=None, boxes=None, masks=mask_input)
+    if dense.shape[0] != n:  # no mask input: one no-mask embedding, broadcast
+        dense = dense.expand(n, -1, -1, -1)
+    point_tokens = pe._embed_points(points * scale, labels, pad=False)
+    not_a_point = pe.not_a_point_embed.weight.reshape(1, 1, -1).expand(n, 2, -1)
+    slot_tokens = not_a_point
+    if boxes is not None:
+        slot_tokens = torch.where(has_box[:, None, None], pe._embed_boxes(boxes * scale), not_a_point)
+    sparse = torch.cat([point_tokens, slot_tokens], dim=1)
+    # real tokens: the points, SAM's not-a-point token (no box) or first corner, and the second corner (box)
+    token_mask = torch.cat([labels != -1, torch.ones(n, 1, dtype=torch.bool), has_box[:, None]], dim=1)
     if mask_input is not None and use_mask is not None:
         no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(dense)
         dense = torch.where(use_mask[:, None, None, None], dense, no_mask)
-    return predict_masks_batched(model.mask_decoder, emb, pe.get_dense_pe(), sparse, dense)
+    return predict_masks_masked(model.mask_decoder, emb, pe.get_dense_pe(), sparse, dense, token_mask)
+
+
+def _attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``segment_anything``'s ``Attention.forward`` with a ``[B, Nk]`` key mask (False: not attended to)."""
+    q = attn._separate_heads(attn.q_proj(q), attn.num_heads)
+    k = attn._separate_heads(attn.k_proj(k), attn.num_heads)
+    v = attn._separate_heads(attn.v_proj(v), attn.num_heads)
+    logits = q @ k.permute(0, 1, 3, 2) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return attn.out_proj(attn._recombine_heads(torch.softmax(logits, dim=-1) @ v))
+
+
+def _two_way(transformer: torch.nn.Module, image: torch.Tensor, image_pe: torch.Tensor, tokens: torch.Tensor,
+             token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``TwoWayTransformer.forward`` (and its blocks') with the prompt tokens ``token_mask`` ``[B, T]`` keys only."""
+    keys = image.flatten(2).permute(0, 2, 1)
+    key_pe = image_pe.flatten(2).permute(0, 2, 1)
+    queries = tokens
+    for layer in transformer.layers:
+        if layer.skip_first_layer_pe:
+            queries = _attention(layer.self_attn, queries, queries, queries, token_mask)
+        else:
+            q = queries + tokens
+            queries = queries + _attention(layer.self_attn, q, q, queries, token_mask)
+        queries = layer.norm1(queries)
+        q, k = queries + tokens, keys + key_pe
+        queries = layer.norm2(queries + _attention(layer.cross_attn_token_to_image, q, k, keys))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        q, k = queries + tokens, keys + key_pe
+        keys = layer.norm4(keys + _attention(layer.cross_attn_image_to_token, k, q, queries, token_mask))
+    q, k = queries + tokens, keys + key_pe
+    queries = transformer.norm_final_attn(queries + _attention(transformer.final_attn_token_to_image, q, k, keys))
+    return queries, keys
+
+
+def predict_masks_masked(
+    decoder: torch.nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
+    dense: torch.Tensor, token_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`alignsam.sam.predict_masks_batched` with ``token_mask`` ``[B, T]`` over the ``sparse`` prompt tokens
+    (False: a padding slot, never attended to). All True: the same computation."""
+    b = sparse.shape[0]
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+    mask = torch.cat([torch.ones(b, output_tokens.shape[0], dtype=torch.bool), token_mask], dim=1)
+    src = image_embeddings + dense
+    _, c, h, w = src.shape
+    hs, src = _two_way(decoder.transformer, src, image_pe.expand(b, -1, -1, -1), tokens, mask)
+    iou_token_out = hs[:, 0, :]
+    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+    hyper_in = torch.stack(
+        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+    )
+    _, c2, h2, w2 = upscaled.shape
+    masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
+    return masks, decoder.iou_prediction_head(iou_token_out)
 
 
 def seg_losses(logits: torch.Tensor, target: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,6 +598,46 @@ def validate(model: torch.nn.Module, val: list, batch: int = 16) -> dict[str, fl
     return res
 
 
+CLICK_VAL_TOLERANCE = {"1": 0.015, "6": 0.005}
+"""Selection rule of ``--val-scenes`` (fixed before run 14): a checkpoint is eligible when no region kind's
+validation mIoU after 1 click (6 clicks) is more than 0.015 (0.005) below the starting weights'."""
+
+
+def validate_full(model: torch.nn.Module, spec, scenes_per_family: int) -> dict[str, float]:
+    """The test protocol of ``eval_small_sam.py`` on validation scenes (``--split val``, the same scenes and
+    prompt seeds): per region kind ``<kind>_1`` / ``<kind>_6`` mIoU after 1 interior click / 5 corrective clicks
+    (mask input fed back), ``<kind>_box`` (tight box alone) and ``<kind>_pts`` (17 grid points), and
+    ``prompt_score``, the mean over kinds of the box and 17-point mIoU. Runs on a copy of ``model``."""
+    import copy
+
+    from alignsam.sam import FrozenSam
+    from benchmarks.eval_small_sam import evaluate_prompts, evaluate_scene  # it imports this module
+
+    sam = FrozenSam(copy.deepcopy(model), spec, "validation", cache_size=1)
+    vals: dict[str, list[float]] = {}
+    for f, family in enumerate(FAMILIES):
+        for s_idx, seed in enumerate(validation_seeds(f, scenes_per_family)):
+            scene = make_scene(family, seed)
+            ious, _ = evaluate_scene(sam, scene.image, scene.regions, 5, True)
+            rng = np.random.default_rng([17, f, s_idx, 1])  # eval_small_sam.py --split val --prompts
+            prompts = evaluate_prompts(sam, scene.image, scene.regions, rng, 17)
+            for i, kind in enumerate(scene.region_kinds):
+                vals.setdefault(f"{kind}_1", []).append(float(ious[i, 0]))
+                vals.setdefault(f"{kind}_6", []).append(float(ious[i, -1]))
+                vals.setdefault(f"{kind}_box", []).append(float(prompts["box_tight"][i]))
+                vals.setdefault(f"{kind}_pts", []).append(float(prompts["grid_points"][i]))
+    res = {k: float(np.mean(v)) for k, v in vals.items()}
+    kinds = [k for k in REGION_KINDS if f"{k}_1" in res]
+    res["prompt_score"] = float(np.mean([(res[f"{k}_box"] + res[f"{k}_pts"]) / 2 for k in kinds]))
+    return res
+
+
+def clicks_eligible(res: dict[str, float], start: dict[str, float]) -> bool:
+    """:data:`CLICK_VAL_TOLERANCE`: whether ``res`` keeps every click row of the starting weights' ``start``."""
+    return all(res[k] >= start[k] - CLICK_VAL_TOLERANCE[k.rsplit("_", 1)[1]]
+               for k in start if k.endswith(("_1", "_6")))
+
+
 # ---------------------------------------------------------------------------------------- training
 def resize_position_embeddings(state: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
     """A SAM state dict for a ``grid`` x ``grid`` token image encoder: the absolute position embedding resized
@@ -543,6 +668,8 @@ def train_step(
     emb = model.image_encoder(preprocess(model, batch["images"]))[batch["img_idx"]]
     target = batch["masks"]
     points, labels = batch["points"], batch["labels"]
+    width = max(1, int((labels != -1).sum(1).max()))  # real points fill the leading slots; the rest is padding
+    points, labels = points[:, :width], labels[:, :width]
     boxes, has_box = batch.get("boxes"), batch.get("has_box")
     total = torch.zeros(())
     logs: dict[str, float] = {}
@@ -624,6 +751,14 @@ def main(argv: list[str] | None = None) -> None:
                         "negatives), box (a jittered box, alone or with 1-3 points); default: clicks only")
     parser.add_argument("--grid-jitter", type=float, default=None,
                         help="point sets: jitter as a fraction of a grid cell (default: TrainConfig, 0)")
+    parser.add_argument("--val-scenes", type=int, default=0, metavar="N",
+                        help="choose the weights written to --out by the test protocol on N validation scenes per "
+                        "family, run on the starting weights and at every checkpoint: the highest prompt_score "
+                        "(box and 17-point mIoU) among those keeping every click row (validate_full, "
+                        "clicks_eligible); the starting weights are a candidate. Validation time is then left "
+                        "out of --minutes. Default 0: the single-click score of runs 1-13")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="scene-drawing DataLoader workers (0: in this process, one core in all)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -682,9 +817,10 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"config": asdict(cfg), "args": vars(args)}), flush=True)
 
     val = validation_set(cfg)
+    loader_kw = dict(num_workers=args.workers, prefetch_factor=4, persistent_workers=True) if args.workers else {}
     data = DataLoader(
         SceneBatches(cfg, seed_offset=scenes_seen + 7_919 * args.seed, rng_seed=args.seed + 17 * (step + 1)),
-        batch_size=None, num_workers=1, prefetch_factor=4, persistent_workers=True,
+        batch_size=None, **loader_kw,
     )
     gen = torch.Generator().manual_seed(args.seed + step)
     budget = args.minutes * 60.0
@@ -694,16 +830,41 @@ def main(argv: list[str] | None = None) -> None:
     last_eval = t0
     last_log = t0
     running: dict[str, float] = {}
+    val_s = 0.0  # --val-scenes: validation time, left out of the schedule
+    start_val: dict[str, float] = {}
+    if args.val_scenes:
+        t_v = clock()
+        start_val = validate_full(model, spec, args.val_scenes)
+        best = start_val["prompt_score"]
+        sha = save_checkpoint(model, args.out)
+        history.append({**start_val, "step": step, "minutes": trained_s / 60.0, "scenes": scenes_seen,
+                        "eligible": True, "selected": True})
+        val_s += clock() - t_v
+        print("[val] start: " + " ".join(f"{k}={v:.3f}" for k, v in start_val.items())
+              + f" -> saved {args.out} ({sha[:12]})", flush=True)
+        last_eval = last_log = clock()
 
     def checkpoint(final: bool = False) -> None:
-        nonlocal best, last_eval
+        nonlocal best, last_eval, val_s
+        t_v = clock()
         res = validate(model, val)
-        elapsed = clock() - t0
+        if args.val_scenes:
+            res.update(validate_full(model, spec, args.val_scenes))
+            val_s += clock() - t_v
+        elapsed = clock() - t0 - val_s
         res.update(step=step, minutes=(trained_s + elapsed) / 60.0, scenes=scenes_seen)
+        if args.val_scenes:
+            res["eligible"] = clicks_eligible(res, start_val)
+            improved = res["eligible"] and res["prompt_score"] > best
+            res["selected"] = improved
+            if improved:
+                best = res["prompt_score"]
+        else:
+            improved = res["score"] > best
+            if improved:
+                best = res["score"]
         history.append(res)
-        improved = res["score"] > best
         if improved:
-            best = res["score"]
             sha = save_checkpoint(model, args.out)
         state = {
             "model": model.state_dict(), "opt": opt.state_dict(), "step": step, "scenes_seen": scenes_seen,
@@ -712,7 +873,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(state, args.state)
         print(
             f"[val] step {step} {res['minutes']:.1f} min " + " ".join(f"{k}={res[k]:.3f}" for k in REGION_KINDS if k in res)
-            + f" score={res['score']:.3f}" + (f" -> saved {args.out} ({sha[:12]})" if improved else "")
+            + f" score={res['score']:.3f}"
+            + (" " + " ".join(f"{k}={v:.3f}" for k, v in res.items() if k.endswith(("_1", "_6", "_box", "_pts"))
+                              or k in ("prompt_score", "eligible")) if args.val_scenes else "")
+            + (f" -> saved {args.out} ({sha[:12]})" if improved else "")
             + (" (final)" if final else ""),
             flush=True,
         )
@@ -720,7 +884,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for batch in data:
         now = clock()
-        progress = (now - t0) / budget
+        progress = (now - t0 - val_s) / budget
         if progress >= 1.0:
             break
         for g in opt.param_groups:
@@ -745,7 +909,7 @@ def main(argv: list[str] | None = None) -> None:
         if clock() - last_eval > args.eval_every * 60:
             checkpoint()
     checkpoint(final=True)
-    total_min = (clock() - t0) / 60.0
+    total_min = (clock() - t0 - val_s) / 60.0
     print(f"done: {step - start_step} steps in {total_min:.1f} min this run; best score {best:.3f}", flush=True)
 
 
