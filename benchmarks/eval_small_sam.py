@@ -20,8 +20,8 @@ scene generator, :data:`alignsam.synthetic.STUFF_KINDS`; for those kinds this co
 
 With ``--prompts`` it also measures, per region kind, the single-output mIoU of the prompts AlignSAM sends
 besides clicks: a tight box around the region, the box with each side moved by up to 10% and 20% of its size
-(:func:`benchmarks.train_small_sam.jittered_box`), and a set of ``--grid-points`` patch centres of a 10 x 10 grid
-labelled by the region, mostly negatives (:func:`benchmarks.train_small_sam.grid_point_set`); each drawn from a
+(:func:`benchmarks.small_sam_prompts.jittered_box`), and a set of ``--grid-points`` patch centres of a 10 x 10 grid
+labelled by the region, mostly negatives (:func:`benchmarks.small_sam_prompts.grid_point_set`); each drawn from a
 fixed seed per scene, so every checkpoint gets the same prompts.
 
     python benchmarks/eval_small_sam.py --checkpoint alignsam/assets/sam_small.pth [--scenes 40] [--prompts]
@@ -50,7 +50,7 @@ from alignsam.synthetic import (
     make_split,
 )
 from benchmarks.common import RESULTS, write_results
-from benchmarks.train_small_sam import (
+from benchmarks.small_sam_prompts import (
     VAL_SEED_START,
     grid_point_set,
     jittered_box,
