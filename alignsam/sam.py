@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -237,6 +237,7 @@ def predict_masks_batched(
     image_pe: torch.Tensor,
     sparse: torch.Tensor,
     dense: torch.Tensor,
+    transformer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``MaskDecoder.predict_masks`` with one image embedding *per prompt set*.
 
@@ -247,6 +248,8 @@ def predict_masks_batched(
     Arguments:
       image_embeddings: ``[B, C, h, w]``; image_pe: ``[1, C, h, w]`` (``get_dense_pe()``);
       sparse: ``[B, N, C]`` and dense: ``[B, C, h, w]`` prompt embeddings.
+      transformer: in place of ``decoder.transformer(src, pos_src, tokens) -> (hs, src)`` (the small-SAM trainer
+        passes one that masks padding tokens out of the attention); None: the decoder's own.
     Returns:
       mask logits ``[B, 4, 4h, 4w]`` (index 0: single-mask output, 1-3: multimask) and IoU
       predictions ``[B, 4]``.
@@ -257,7 +260,7 @@ def predict_masks_batched(
     src = image_embeddings + dense
     pos_src = image_pe.expand(b, -1, -1, -1)
     _, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos_src, tokens)
+    hs, src = (transformer or decoder.transformer)(src, pos_src, tokens)
     iou_token_out = hs[:, 0, :]
     mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
     upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))

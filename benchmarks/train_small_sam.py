@@ -143,7 +143,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from alignsam.sam import build_sam, get_spec, save_checkpoint
+from alignsam.sam import build_sam, get_spec, predict_masks_batched, save_checkpoint
 from alignsam.synthetic import (
     FAMILIES,
     REGION_KINDS,
@@ -438,21 +438,11 @@ def predict_masks_masked(
     """:func:`alignsam.sam.predict_masks_batched` with ``token_mask`` ``[B, T]`` over the ``sparse`` prompt tokens
     (False: a padding slot, never attended to). All True: the same computation."""
     b = sparse.shape[0]
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-    mask = torch.cat([torch.ones(b, output_tokens.shape[0], dtype=torch.bool), token_mask], dim=1)
-    src = image_embeddings + dense
-    _, c, h, w = src.shape
-    hs, src = _two_way(decoder.transformer, src, image_pe.expand(b, -1, -1, -1), tokens, mask)
-    iou_token_out = hs[:, 0, :]
-    mask_tokens_out = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-    hyper_in = torch.stack(
-        [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
-    )
-    _, c2, h2, w2 = upscaled.shape
-    masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
-    return masks, decoder.iou_prediction_head(iou_token_out)
+    outputs = 1 + decoder.num_mask_tokens  # the IoU token and the mask tokens, never padding
+    mask = torch.cat([torch.ones(b, outputs, dtype=torch.bool, device=token_mask.device), token_mask], dim=1)
+    return predict_masks_batched(decoder, image_embeddings, image_pe, sparse, dense,
+                                 transformer=lambda src, pos, tokens: _two_way(decoder.transformer, src, pos, tokens,
+                                                                               mask))
 
 
 def seg_losses(logits: torch.Tensor, target: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
