@@ -165,6 +165,7 @@ def _mask_feedback(meta: Mapping[str, Any]) -> str | None:
 
 
 def _instance_choice(settings: Settings, project_id: int, version: str | None) -> str | None:
+    """The instance part of :func:`_instances`; None for bundles that did not make the choice."""
     meta = _sidecar(settings, project_id, version)
     if not isinstance(meta.get("instances"), bool):
         return None
