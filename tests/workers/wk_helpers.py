@@ -236,13 +236,7 @@ class WorkerProcess:
         return self.log_path.read_text()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        terminate(self.proc, grace_s=15, kill_wait_s=5)
         self.log.close()
 
 
@@ -338,16 +332,22 @@ class RedisProc:
 
     def stop(self) -> None:
         """SIGTERM: Redis flushes its append-only file and exits (``docker restart``'s first step)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            terminate(self.proc, grace_s=20, kill_wait_s=10)
 
     def kill(self) -> None:
         """SIGKILL, what a crash does: no goodbye to the clients."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
+
+
+def terminate(proc: subprocess.Popen[bytes], grace_s: float, kill_wait_s: float) -> None:
+    """SIGTERM a still-running process, then SIGKILL it if it has not exited after ``grace_s`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=kill_wait_s)
