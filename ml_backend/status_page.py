@@ -144,8 +144,8 @@ def _instances(settings: Settings, project_id: int, version: str | None) -> str 
     """``"per instance · val mIoU per instance 0.856, one mask 0.594 · mask feedback off (on 0.850)"``: the
     training's instance choice with its scores (per-instance prompts with points alone and with boxes, when both
     were validated), then its mask-feedback choice when it made one."""
-    text = _instance_choice(settings, project_id, version)
-    feedback = _mask_feedback(_sidecar(settings, project_id, version))
+    meta = _sidecar(settings, project_id, version)
+    text, feedback = _instance_choice(meta), _mask_feedback(meta)
     if text is None or feedback is None:
         return text or feedback
     return f"{text} · {feedback}"
@@ -164,9 +164,8 @@ def _mask_feedback(meta: Mapping[str, Any]) -> str | None:
     return f"mask feedback {kept}" + (f" ({other} {miou:.3f})" if miou is not None else "")
 
 
-def _instance_choice(settings: Settings, project_id: int, version: str | None) -> str | None:
+def _instance_choice(meta: Mapping[str, Any]) -> str | None:
     """The instance part of :func:`_instances`; None for bundles that did not make the choice."""
-    meta = _sidecar(settings, project_id, version)
     if not isinstance(meta.get("instances"), bool):
         return None
     chosen = ("per instance with boxes" if meta.get("instance_boxes") else "per instance") if meta["instances"] \
