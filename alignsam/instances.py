@@ -22,6 +22,9 @@ at training (:func:`alignsam.train.train` records it as the bundle's ``instances
 (mirror) it costs mIoU, on multi-object ones it gains it. The agent still matters: its points join each instance's
 prompt (the w/o-RL ablation replaces them with random ones). One positive seed alone per instance scored a little
 higher on ``semantic:circle`` but would make the agent irrelevant there; not done (a choice, see the benchmark).
+
+Without an SRM there is no map to split: :func:`group_by_point_masks` groups the positive points by their own
+masks instead. It is what the w/o-SRM ablation uses per instance (``AlignSAM.predict(grouping="points")``).
 """
 
 from __future__ import annotations
@@ -134,22 +137,112 @@ def split_instances(
             jobs.append((i, prompt))
             if boxes:
                 job_boxes.append(component_box(sam, labels == k, sizes[i]))
-    if jobs:
-        width = max(len(p) for _, p in jobs)
-        coords = torch.zeros(len(jobs), width, 2)
-        labels_t = torch.full((len(jobs), width), -1, dtype=torch.int64)
-        for row, (_, prompt) in enumerate(jobs):
-            for j, (x, y, lab) in enumerate(prompt):
-                coords[row, j, 0], coords[row, j, 1] = x, y
-                labels_t[row, j] = lab
-        index = torch.tensor([i for i, _ in jobs], device=embeddings.device)
-        box_t = torch.tensor(job_boxes, dtype=torch.float32) if boxes else None
-        decoded = sam.decode(embeddings[index], coords, labels_t, [sizes[i] for i, _ in jobs], boxes=box_t)
-        probs = decoded.probs if decoded.probs is not None else []
-        per_image: dict[int, list[tuple[np.ndarray, list[Point]]]] = {}
-        for row, (i, prompt) in enumerate(jobs):
-            per_image.setdefault(i, []).append((probs[row].float().cpu().numpy(), prompt))
-        for i, parts in per_image.items():
-            union = np.max(np.stack([p for p, _ in parts]), axis=0)
-            out[i] = InstanceResult(union, [p > 0.5 for p, _ in parts], [q for _, q in parts], True)
+    _decode_instances(sam, embeddings, sizes, jobs, job_boxes if boxes else None, out)
+    return [r for r in out if r is not None]
+
+
+def _decode_jobs(sam: FrozenSam, embeddings: torch.Tensor, sizes: Sequence[Size], jobs: Sequence[tuple[int, list[Point]]],
+                 boxes: Sequence[tuple[float, float, float, float]] | None = None) -> list[np.ndarray]:
+    """One batched SAM call for ``jobs`` ``(image index, prompt points)``: each prompt's ``[H, W]`` float32 probabilities
+    (padded with label -1 to the longest prompt; ``boxes``: one per job)."""
+    if not jobs:
+        return []
+    width = max(len(p) for _, p in jobs)
+    coords = torch.zeros(len(jobs), width, 2)
+    labels_t = torch.full((len(jobs), width), -1, dtype=torch.int64)
+    for row, (_, prompt) in enumerate(jobs):
+        for j, (x, y, lab) in enumerate(prompt):
+            coords[row, j, 0], coords[row, j, 1] = x, y
+            labels_t[row, j] = lab
+    index = torch.tensor([i for i, _ in jobs], device=embeddings.device)
+    box_t = torch.tensor(list(boxes), dtype=torch.float32) if boxes is not None else None
+    decoded = sam.decode(embeddings[index], coords, labels_t, [sizes[i] for i, _ in jobs], boxes=box_t)
+    probs = decoded.probs if decoded.probs is not None else []
+    return [probs[row].float().cpu().numpy() for row in range(len(jobs))]
+
+
+def _decode_instances(sam: FrozenSam, embeddings: torch.Tensor, sizes: Sequence[Size],
+                      jobs: Sequence[tuple[int, list[Point]]],
+                      boxes: Sequence[tuple[float, float, float, float]] | None,
+                      out: list[InstanceResult | None]) -> None:
+    """Decode one prompt per instance and fill ``out[i]`` with image i's union and instance masks."""
+    per_image: dict[int, list[tuple[np.ndarray, list[Point]]]] = {}
+    for (i, prompt), probs in zip(jobs, _decode_jobs(sam, embeddings, sizes, jobs, boxes), strict=True):
+        per_image.setdefault(i, []).append((probs, prompt))
+    for i, parts in per_image.items():
+        union = np.max(np.stack([p for p, _ in parts]), axis=0)
+        out[i] = InstanceResult(union, [p > 0.5 for p, _ in parts], [q for _, q in parts], True)
+
+
+def _root(parent: list[int], k: int) -> int:
+    """Union-find: the root of ``k`` (halving the path)."""
+    while parent[k] != k:
+        parent[k] = parent[parent[k]]
+        k = parent[k]
+    return k
+
+
+def _inside(mask: np.ndarray, point: Point) -> bool:
+    h, w = mask.shape
+    return bool(mask[min(max(int(point[1]), 0), h - 1), min(max(int(point[0]), 0), w - 1)])
+
+
+@torch.no_grad()
+def group_by_point_masks(
+    sam: FrozenSam,
+    embeddings: torch.Tensor,
+    sizes: Sequence[Size],
+    points: Sequence[Sequence[Point]],
+    base_probs: Sequence[np.ndarray],
+    present: Sequence[bool] | None = None,
+) -> list[InstanceResult]:
+    """Per image, the target as instances grouped without the SRM: by each positive point's own mask.
+
+    The SRM-free counterpart of :func:`split_instances`, for the w/o-SRM ablation (there is no foreground map to
+    split without an SRM; using the trained SRM's there would credit the ablation with the SRM's work):
+
+    1. every positive point is decoded alone (one batched call for all images);
+    2. two positive points are one instance when either lies inside the other's mask (union-find);
+    3. each instance is prompted with its positive points plus the negative points that lie in no point's mask,
+       all instances of all images in one second batched call; the target is their union.
+
+    With fewer than two groups (or an absent target) the policy's own mask is kept. Costs P + G extra decodes per
+    image (P positive points, G groups) against :func:`split_instances`' G.
+
+    Arguments and returns as :func:`split_instances` (``points`` label -1 entries are ignored).
+    """
+    n = len(points)
+    out: list[InstanceResult | None] = [None] * n
+    singles: list[tuple[int, list[Point]]] = []
+    positives: list[list[Point]] = []
+    for i in range(n):
+        pos = [p for p in points[i] if p[2] == 1]
+        positives.append(pos)
+        if len(pos) < 2 or (present is not None and not present[i]):
+            continue
+        singles += [(i, [(p[0], p[1], 1)]) for p in pos]
+    masks_per_image: dict[int, list[np.ndarray]] = {}
+    for (i, _), probs in zip(singles, _decode_jobs(sam, embeddings, sizes, singles), strict=True):
+        masks_per_image.setdefault(i, []).append(probs > 0.5)
+    jobs: list[tuple[int, list[Point]]] = []
+    for i, masks in masks_per_image.items():
+        pos = positives[i]
+        parent = list(range(len(pos)))
+        for a in range(len(pos)):
+            for b in range(a + 1, len(pos)):
+                if _inside(masks[a], pos[b]) or _inside(masks[b], pos[a]):
+                    parent[_root(parent, b)] = _root(parent, a)
+        groups: dict[int, list[Point]] = {}
+        for k, p in enumerate(pos):
+            groups.setdefault(_root(parent, k), []).append(p)
+        if len(groups) < 2:
+            continue
+        covered = np.logical_or.reduce(masks)
+        background = [p for p in points[i] if p[2] == 0 and not _inside(covered, p)]
+        jobs += [(i, [*g, *background]) for g in groups.values()]
+    _decode_instances(sam, embeddings, sizes, jobs, None, out)
+    for i in range(n):
+        if out[i] is None:
+            base = np.asarray(base_probs[i], np.float32)
+            out[i] = InstanceResult(base, [base > 0.5], [list(points[i])], False)
     return [r for r in out if r is not None]

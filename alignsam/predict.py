@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from alignsam.bundle import Bundle, load_bundle
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.env import PromptEnv
 from alignsam.errors import BundleError
-from alignsam.instances import split_instances
+from alignsam.instances import group_by_point_masks, split_instances
 from alignsam.rollout import ActionSource, LabelSource, SrmInputs, add_clip_maps, encode, rollout
 from alignsam.sam import FrozenSam
 
@@ -97,6 +98,7 @@ class AlignSAM:
         generator: torch.Generator | None = None,
         instances: bool | None = None,
         boxes: bool | None = None,
+        grouping: Literal["srm", "points"] = "srm",
     ) -> list[Prediction]:
         """Segments the bundle's target (or ``text``) in each image.
 
@@ -105,7 +107,9 @@ class AlignSAM:
         ``instances``: prompt SAM once per instance of the SRM's map (:mod:`alignsam.instances`); None: what the
         bundle's validation chose (``meta["instances"]``, off for bundles made before the choice existed).
         ``boxes``: with per-instance prompts, give SAM each instance's box too; None: the bundle's
-        ``meta["instance_boxes"]``.
+        ``meta["instance_boxes"]``. ``grouping``: per-instance prompts from the SRM's map (the product) or, for the
+        w/o-SRM ablation, from the positive points' own masks (:func:`alignsam.instances.group_by_point_masks`,
+        no SRM involved; ``boxes`` does not apply).
         """
         split = bool(self.bundle.meta.get("instances", False)) if instances is None else instances
         boxed = bool(self.bundle.meta.get("instance_boxes", False)) if boxes is None else boxes
@@ -132,7 +136,10 @@ class AlignSAM:
                 if lab >= 0
             ] for i in range(len(chunk))]
             parts = None
-            if split:
+            if split and grouping == "points":
+                parts = group_by_point_masks(self.sam, enc.embeddings, enc.sizes, all_points, all_probs,
+                                             [float(v) >= 0.5 for v in res.present])
+            elif split:
                 parts = split_instances(self.sam, enc.embeddings, enc.sizes, srm_in.forward(self.srm, idx, None)
                                         .logits[:, 0], srm_in.valid[idx, 0], all_points, all_probs,
                                         [float(v) >= 0.5 for v in res.present], boxes=boxed)
