@@ -114,12 +114,11 @@ def split_instances(
     jobs: list[tuple[int, list[Point]]] = []  # (image, prompt) per instance
     job_boxes: list[tuple[float, float, float, float]] = []
     for i in range(n):
-        base = np.asarray(base_probs[i], np.float32)
         logits = srm_logits[i].float().cpu()
         fg = ((logits > 0) & valid[i].cpu()).numpy()
         labels, count = grid_components(fg)
         if count < 2 or (present is not None and not present[i]):
-            out[i] = InstanceResult(base, [base > 0.5], [list(points[i])], False)
+            out[i] = _kept(base_probs[i], points[i])
             continue
         pts = [p for p in points[i] if p[2] in (0, 1)]
         cells = (sam.points_to_grid(torch.tensor([[p[:2] for p in pts]], dtype=torch.float32), [sizes[i]], g)[0]
@@ -139,6 +138,12 @@ def split_instances(
                 job_boxes.append(component_box(sam, labels == k, sizes[i]))
     _decode_instances(sam, embeddings, sizes, jobs, job_boxes if boxes else None, out)
     return [r for r in out if r is not None]
+
+
+def _kept(base_probs: np.ndarray, points: Sequence[Point]) -> InstanceResult:
+    """The policy's own mask, not split."""
+    base = np.asarray(base_probs, np.float32)
+    return InstanceResult(base, [base > 0.5], [list(points)], False)
 
 
 def _decode_jobs(sam: FrozenSam, embeddings: torch.Tensor, sizes: Sequence[Size], jobs: Sequence[tuple[int, list[Point]]],
@@ -241,8 +246,4 @@ def group_by_point_masks(
         background = [p for p in points[i] if p[2] == 0 and not _inside(covered, p)]
         jobs += [(i, [*g, *background]) for g in groups.values()]
     _decode_instances(sam, embeddings, sizes, jobs, None, out)
-    for i in range(n):
-        if out[i] is None:
-            base = np.asarray(base_probs[i], np.float32)
-            out[i] = InstanceResult(base, [base > 0.5], [list(points[i])], False)
-    return [r for r in out if r is not None]
+    return [r if r is not None else _kept(base_probs[i], points[i]) for i, r in enumerate(out)]

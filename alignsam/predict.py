@@ -136,13 +136,13 @@ class AlignSAM:
                 if lab >= 0
             ] for i in range(len(chunk))]
             parts = None
+            present = [float(v) >= 0.5 for v in res.present]
             if split and grouping == "points":
-                parts = group_by_point_masks(self.sam, enc.embeddings, enc.sizes, all_points, all_probs,
-                                             [float(v) >= 0.5 for v in res.present])
+                parts = group_by_point_masks(self.sam, enc.embeddings, enc.sizes, all_points, all_probs, present)
             elif split:
                 parts = split_instances(self.sam, enc.embeddings, enc.sizes, srm_in.forward(self.srm, idx, None)
-                                        .logits[:, 0], srm_in.valid[idx, 0], all_points, all_probs,
-                                        [float(v) >= 0.5 for v in res.present], boxes=boxed)
+                                        .logits[:, 0], srm_in.valid[idx, 0], all_points, all_probs, present,
+                                        boxes=boxed)
             for i in range(len(chunk)):
                 probs, pts = all_probs[i], all_points[i]
                 low = None
