@@ -104,6 +104,7 @@ def save_bundle(
         "branch": policy.branch,
         "instances": bool(policy.instances),
         "instance_boxes": bool(policy.instances and policy.instance_boxes),
+        "instance_filter": policy.instance_filter if policy.instances else None,
         "grid": list(policy.config.grid),
         "steps": policy.config.ppo.steps,
         "train_samples": len(policy.train_names),

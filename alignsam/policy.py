@@ -43,6 +43,10 @@ class TrainConfig:
     # With per-instance prompts: also give SAM each instance's box (alignsam.instances.component_box): "auto" (kept
     # when it validates better than points alone), "off", "on". Unused while ``instances`` is "off".
     instance_boxes: Literal["auto", "off", "on"] = "auto"
+    # With per-instance prompts: drop the instances a filter learned from the training tasks rejects
+    # (alignsam.instances.filter_instances): "auto" (kept when it validates INSTANCE_MARGIN higher), "off", "on"
+    # (whenever one can be fit). Unused while ``instances`` is "off".
+    instance_filter: Literal["auto", "off", "on"] = "auto"
     # Feed SAM's previous low-res logits back as ``mask_input`` at inference: "off" (keep ``use_mask_input``), "auto"
     # (the kept policy is validated with the other setting too, switched when that scores INSTANCE_MARGIN higher;
     # what the backend's training uses). See alignsam.train._mask_feedback.
@@ -79,3 +83,4 @@ class TrainedPolicy:
     history: list[dict] = field(default_factory=list)
     instances: bool = False  # prompts SAM once per instance (alignsam.instances), chosen by validation
     instance_boxes: bool = False  # ... with each instance's box too, chosen by validation
+    instance_filter: dict | None = None  # ... dropping the instances this filter rejects (InstanceFilter.to_dict())

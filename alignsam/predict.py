@@ -22,7 +22,7 @@ from alignsam.bundle import Bundle, load_bundle
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.env import PromptEnv
 from alignsam.errors import BundleError
-from alignsam.instances import group_by_point_masks, split_instances
+from alignsam.instances import InstanceFilter, filter_instances, group_by_point_masks, split_instances
 from alignsam.rollout import ActionSource, LabelSource, SrmInputs, add_clip_maps, encode, rollout
 from alignsam.sam import FrozenSam
 
@@ -72,6 +72,13 @@ class AlignSAM:
         self.clip = clip
         self.agent = bundle.agent.to(sam.device).eval()
         self.srm = bundle.srm.to(sam.device).eval()
+        self.instance_filter: InstanceFilter | None = None
+        """the label's instance filter (:func:`alignsam.instances.filter_instances`), when its training kept one"""
+        if bundle.meta.get("instance_filter") is not None:
+            try:
+                self.instance_filter = InstanceFilter.from_dict(bundle.meta["instance_filter"])
+            except ValueError as exc:
+                raise BundleError(f"this policy's instance filter cannot be read: {exc}") from None
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, sam: FrozenSam, clip: ClipSurgery | None = None) -> AlignSAM:
@@ -99,6 +106,7 @@ class AlignSAM:
         instances: bool | None = None,
         boxes: bool | None = None,
         grouping: Literal["srm", "points"] = "srm",
+        instance_filter: bool | None = None,
     ) -> list[Prediction]:
         """Segments the bundle's target (or ``text``) in each image.
 
@@ -109,8 +117,15 @@ class AlignSAM:
         ``boxes``: with per-instance prompts, give SAM each instance's box too; None: the bundle's
         ``meta["instance_boxes"]``. ``grouping``: per-instance prompts from the SRM's map (the product) or, for the
         w/o-SRM ablation, from the positive points' own masks (:func:`alignsam.instances.group_by_point_masks`,
-        no SRM involved; ``boxes`` does not apply).
+        no SRM involved; ``boxes`` does not apply). ``instance_filter``: with per-instance prompts, drop the instances
+        the label's filter rejects (:func:`alignsam.instances.filter_instances`); None: when the bundle has one.
+
+        Raises:
+          ValueError: ``instance_filter=True`` for a bundle without a filter.
         """
+        if instance_filter and self.instance_filter is None:
+            raise ValueError("this policy has no instance filter (its training did not keep one)")
+        flt = self.instance_filter if instance_filter is not False else None
         split = bool(self.bundle.meta.get("instances", False)) if instances is None else instances
         boxed = bool(self.bundle.meta.get("instance_boxes", False)) if boxes is None else boxes
         text = text or self.text
@@ -143,6 +158,8 @@ class AlignSAM:
                 parts = split_instances(self.sam, enc.embeddings, enc.sizes, srm_in.forward(self.srm, idx, None)
                                         .logits[:, 0], srm_in.valid[idx, 0], all_points, all_probs, present,
                                         boxes=boxed)
+            if parts is not None and flt is not None:
+                parts = [filter_instances(part, image, flt) for part, image in zip(parts, chunk, strict=True)]
             for i in range(len(chunk)):
                 probs, pts = all_probs[i], all_points[i]
                 low = None

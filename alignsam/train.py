@@ -30,7 +30,13 @@ from alignsam.clip_surgery import ClipSurgery
 from alignsam.data import Sample
 from alignsam.env import PromptEnv
 from alignsam.errors import DataError
-from alignsam.instances import split_instances
+from alignsam.instances import (
+    InstanceFilter,
+    filter_instances,
+    fit_instance_filter,
+    instance_examples,
+    split_instances,
+)
 from alignsam.metrics import iou as mask_iou
 from alignsam.policy import TrainConfig, TrainedPolicy
 from alignsam.ppo import RolloutBuffer, ppo_update
@@ -167,20 +173,42 @@ def evaluate_policy(
     batch: int = 32,
     instances: bool = False,
     boxes: bool = False,
+    images: Sequence[np.ndarray] | None = None,
+    instance_filter: InstanceFilter | None = None,
 ) -> dict[str, float]:
     """mIoU and FR of the deterministic policy on images ``idx`` (which have ground truth); ``instances``: with
-    SAM prompted once per instance of the SRM's map (:mod:`alignsam.instances`), as inference then does, and with
-    ``boxes`` each instance's box too."""
+    SAM prompted once per instance of the SRM's map (:mod:`alignsam.instances`), as inference then does, with
+    ``boxes`` each instance's box too, and with ``instance_filter`` (which reads ``images``, all of the run's) the
+    instances it rejects dropped."""
     if not idx:
         return {}
-    env = PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
     ious, frs = [], []
+    for chunk, probs, parts, fr in _rollouts(sam, enc, srm_in, agent, srm, idx, cfg, batch, instances, boxes):
+        if parts is not None:
+            if instance_filter is not None:
+                assert images is not None, "the instance filter reads the images"
+                parts = [filter_instances(part, images[i], instance_filter) for part, i in zip(parts, chunk,
+                                                                                            strict=True)]
+            probs = [part.probs for part in parts]
+        for i, p in zip(chunk, probs, strict=True):
+            ious.append(mask_iou(p > 0.5, enc.masks[i]))
+        frs += fr
+    return {"miou": float(np.mean(ious)), "fr": float(np.mean(frs)) if frs else 0.0, "n": len(ious)}
+
+
+def _rollouts(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgent, srm: SRM, idx: Sequence[int],
+              cfg: TrainConfig, batch: int, instances: bool, boxes: bool) -> Iterator[tuple[list[int], list, list | None,
+                                                                                           list[float]]]:
+    """The deterministic policy on images ``idx`` in chunks of ``batch``: per chunk its image indices, the policy's
+    ``[H, W]`` probabilities, the per-instance results (``instances``; else None) and the FR values."""
+    env = PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
     agent.eval()
     srm.eval()
     for start in range(0, len(idx), batch):
         chunk = torch.tensor(idx[start : start + batch], device=sam.device)
         res = rollout(sam, env, srm_in, agent, srm, chunk, cfg.ppo.steps, mask_repeats=cfg.ppo.mask_repeats)
         probs = [p.float().cpu().numpy() for p in res.probs]
+        parts = None
         if instances:
             points = [[(float(x), float(y), int(lab)) for (x, y), lab in zip(res.points[r].tolist(),
                                                                              res.labels[r].tolist(), strict=True)
@@ -190,12 +218,8 @@ def evaluate_policy(
             parts = split_instances(sam, enc.embeddings[chunk], [enc.sizes[i] for i in chunk.tolist()], srm_logits,
                                     srm_in.valid[chunk, 0], points, probs, [float(v) >= 0.5 for v in res.present],
                                     boxes=boxes)
-            probs = [part.probs for part in parts]
-        for i, p in zip(chunk.tolist(), probs, strict=True):
-            ious.append(mask_iou(p > 0.5, enc.masks[i]))
-        if res.foreground_rate is not None:
-            frs += res.foreground_rate.tolist()
-    return {"miou": float(np.mean(ious)), "fr": float(np.mean(frs)) if frs else 0.0, "n": len(ious)}
+        fr = res.foreground_rate.tolist() if res.foreground_rate is not None else []
+        yield chunk.tolist(), probs, parts, fr
 
 
 def _same_projection(agent: PromptAgent, srm: SRM) -> bool:
@@ -363,7 +387,8 @@ def train(
     cfg: TrainConfig | None = None,
     clip: ClipSurgery | None = None,
     callback: Callable[[Progress], None] | None = None,
-    baseline: tuple[PromptAgent, SRM, TrainConfig] | None = None,
+    baseline: tuple[PromptAgent, SRM, TrainConfig] | tuple[PromptAgent, SRM, TrainConfig, InstanceFilter | None]
+    | None = None,
     timings: Timings | None = None,
 ) -> TrainResult:
     """Trains AlignSAM on ``samples`` and returns the policy that validates best.
@@ -374,8 +399,8 @@ def train(
       cfg: the run's configuration.
       clip: a :class:`~alignsam.clip_surgery.ClipSurgery`; required for the explicit branch.
       callback: called with :class:`Progress` after each episode.
-      baseline: an existing policy (agent, SRM, its config) to validate on the same held-out images,
-        so a caller can keep whichever is better on equal terms.
+      baseline: an existing policy (agent, SRM, its config, optionally its instance filter) to validate on the same
+        held-out images, so a caller can keep whichever is better on equal terms.
       timings: filled in with the wall time of each part of the run (benchmarks); None: not measured.
 
     Raises:
@@ -408,6 +433,7 @@ def train(
     best_score = -1.0
     chosen = ""
     instance_candidates: dict[str, dict[str, dict[str, float]]] = {}
+    kept_modes: dict[str, str | None] = {}
     for grid in action_grids(cfg):
         # Each grid's policy keeps only its own grid in its config: that is what inference and bundles read.
         cfg_g = replace(cfg, grid=grid, grids=())
@@ -422,7 +448,7 @@ def train(
             on = "validation" if val_idx else "training"
             with clock("validation"):
                 metrics = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg_g)
-                modes = _instance_modes(sam, enc, srm_in, agent, srm, held_out, cfg_g)
+                modes, flt = _instance_modes(sam, enc, srm_in, agent, srm, held_out, cfg_g, images, train_idx)
             metrics["on"] = on  # type: ignore[assignment]
             for m in modes.values():
                 m["on"] = on  # type: ignore[assignment]
@@ -431,12 +457,13 @@ def train(
             policy = TrainedPolicy(agent, srm, branch, cfg_g, metrics, [samples[i].name for i in train_idx], hist)
             if modes:
                 instance_candidates[name] = modes
-                # Every instance prompted on its own (alignsam.instances), with points alone or with boxes too (the
-                # better; points on a tie): kept only when it validates clearly better than the policy's own mask,
-                # or when asked for.
-                mode = max(modes, key=lambda k: modes[k]["miou"])
-                if cfg.instances == "on" or modes[mode]["miou"] >= metrics["miou"] + INSTANCE_MARGIN:
-                    policy.instances, policy.instance_boxes = True, mode == "box"
+                # Every instance prompted on its own (alignsam.instances), with points alone or with boxes too, and
+                # with the learned instance filter or not: each kept only when it validates clearly better.
+                mode = kept_instance_mode(modes, metrics["miou"], cfg)
+                kept_modes[name] = mode
+                if mode is not None:
+                    policy.instances, policy.instance_boxes = True, mode.startswith("box")
+                    policy.instance_filter = flt.to_dict() if mode.endswith("+filter") and flt else None
                     policy.val_metrics = dict(modes[mode])
             logger.info("candidate %s: %s; per instance: %s", name, metrics, modes)
             # The pair kept is the one whose kept mode validates best, so a grid can win through its instances.
@@ -444,18 +471,20 @@ def train(
                 best, best_score, chosen = policy, policy.val_metrics["miou"], name
     assert best is not None
     instance_metrics = None
-    if chosen in instance_candidates:
+    if chosen in instance_candidates:  # the kept per-instance mode's, or (one mask kept) the best per-instance one's
         modes = instance_candidates[chosen]
-        instance_metrics = modes[max(modes, key=lambda k: modes[k]["miou"])]
+        instance_metrics = modes[kept_modes.get(chosen) or max(modes, key=lambda k: modes[k]["miou"])]
     mask_feedback = None
     if cfg.mask_feedback == "auto":
         with clock("validation"):
-            mask_feedback = _mask_feedback(sam, enc, srm_in, best, held_out, "validation" if val_idx else "training")
+            mask_feedback = _mask_feedback(sam, enc, srm_in, best, held_out, "validation" if val_idx else "training",
+                                           images)
     logger.info("kept %s, instances: %s, boxes: %s, mask feedback: %s", chosen, best.instances, best.instance_boxes,
                 best.config.use_mask_input)
     baseline_metrics = None
     if baseline is not None:
-        agent_b, srm_b, cfg_b = baseline
+        agent_b, srm_b, cfg_b, *rest = baseline
+        flt_b = rest[0] if rest else None
         if srm_b.branch == "explicit" and enc.clip_maps is None:
             if clip is None:
                 raise DataError("the baseline policy uses the explicit SRM branch: pass clip=...")
@@ -465,10 +494,11 @@ def train(
             baseline_metrics = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, held_out, cfg_b)
             if cfg.instances != "off":  # the active policy gets its better mode too (its bundle may use either)
                 for boxes in (False, True) if cfg.instance_boxes != "off" else (False,):
-                    split_b = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, held_out, cfg_b, instances=True,
-                                              boxes=boxes)
-                    if split_b["miou"] > baseline_metrics["miou"]:
-                        baseline_metrics = split_b
+                    for flt_used in (None, flt_b) if flt_b is not None else (None,):
+                        split_b = evaluate_policy(sam, enc, srm_in, agent_b, srm_b, held_out, cfg_b, instances=True,
+                                                  boxes=boxes, images=images, instance_filter=flt_used)
+                        if split_b["miou"] > baseline_metrics["miou"]:
+                            baseline_metrics = split_b
     if callback:
         callback(Progress(stage="done", branch=best.branch, val_miou=best.val_metrics["miou"],
                           elapsed_s=time.perf_counter() - t0))
@@ -478,7 +508,7 @@ def train(
 
 
 def _mask_feedback(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, policy: TrainedPolicy, held_out: Sequence[int],
-                   on: str) -> dict[str, dict[str, float]]:
+                   on: str, images: Sequence[np.ndarray]) -> dict[str, dict[str, float]]:
     """Validates ``policy`` (in its kept instance mode) with the other setting of mask feedback (SAM's previous
     low-res logits as ``mask_input`` at every step) and switches its config to it when it scores
     ``INSTANCE_MARGIN`` higher. Returns ``{"off": metrics, "on": metrics}``; changes ``policy`` in place.
@@ -489,7 +519,9 @@ def _mask_feedback(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, policy: Trai
     current = "on" if policy.config.use_mask_input else "off"
     other_cfg = replace(policy.config, use_mask_input=not policy.config.use_mask_input)
     other = evaluate_policy(sam, enc, srm_in, policy.agent, policy.srm, held_out, other_cfg,
-                            instances=policy.instances, boxes=policy.instance_boxes)
+                            instances=policy.instances, boxes=policy.instance_boxes, images=images,
+                            instance_filter=InstanceFilter.from_dict(policy.instance_filter)
+                            if policy.instance_filter else None)
     other["on"] = on  # type: ignore[assignment]
     scores = {current: dict(policy.val_metrics), ("off" if current == "on" else "on"): other}
     if other["miou"] >= policy.val_metrics["miou"] + INSTANCE_MARGIN:
@@ -498,17 +530,54 @@ def _mask_feedback(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, policy: Trai
 
 
 def _instance_modes(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgent, srm: SRM,
-                    held_out: Sequence[int], cfg: TrainConfig) -> dict[str, dict[str, float]]:
+                    held_out: Sequence[int], cfg: TrainConfig, images: Sequence[np.ndarray],
+                    train_idx: Sequence[int]) -> tuple[dict[str, dict[str, float]], InstanceFilter | None]:
     """Validation metrics of one candidate prompted per instance: ``{"points": ..., "box": ...}`` as
-    ``cfg.instances`` / ``cfg.instance_boxes`` allow ({} when instances are off)."""
+    ``cfg.instances`` / ``cfg.instance_boxes`` allow ({} when instances are off), and, unless
+    ``cfg.instance_filter`` is "off", the better of the two with an instance filter fit on the training images
+    ``train_idx`` (``"points+filter"`` or ``"box+filter"``), with that filter (None when none could be fit)."""
     if cfg.instances == "off":
-        return {}
+        return {}, None
     modes = {}
     if cfg.instance_boxes != "on":
         modes["points"] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True)
     if cfg.instance_boxes != "off":
         modes["box"] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True, boxes=True)
-    return modes
+    if cfg.instance_filter == "off" or not held_out:
+        return modes, None
+    base = max(modes, key=lambda k: modes[k]["miou"])
+    xs, ys = [], []
+    for chunk, _, parts, _ in _rollouts(sam, enc, srm_in, agent, srm, train_idx, cfg, 32, True, base == "box"):
+        for i, part in zip(chunk, parts or [], strict=True):
+            if part.split:
+                x, y = instance_examples(images[i], part.masks, enc.masks[i])
+                xs.append(x)
+                ys.append(y)
+    flt = fit_instance_filter(np.concatenate(xs), np.concatenate(ys)) if xs else None
+    if flt is not None:
+        modes[f"{base}+filter"] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True,
+                                                  boxes=base == "box", images=images, instance_filter=flt)
+    return modes, flt
+
+
+def kept_instance_mode(modes: dict[str, dict[str, float]], whole_miou: float, cfg: TrainConfig) -> str | None:
+    """The instance mode training keeps from validation metrics ``modes`` (:func:`_instance_modes`) against the
+    policy's own mask's ``whole_miou``: None (one mask), or "points" / "box" (the better; points on a tie), kept only
+    at ``INSTANCE_MARGIN`` above one mask (or ``cfg.instances`` "on"), then its "+filter" form when that scores
+    ``INSTANCE_MARGIN`` higher again (or ``cfg.instance_filter`` "on")."""
+    base_modes = [m for m in ("points", "box") if m in modes]
+    if not base_modes:
+        return None
+    base = max(base_modes, key=lambda k: modes[k]["miou"])
+    filtered = f"{base}+filter"
+    if filtered in modes and (cfg.instance_filter == "on"
+                              or modes[filtered]["miou"] >= modes[base]["miou"] + INSTANCE_MARGIN):
+        base_score, base = modes[filtered]["miou"], filtered
+    else:
+        base_score = modes[base]["miou"]
+    if cfg.instances == "on" or base_score >= whole_miou + INSTANCE_MARGIN:
+        return base
+    return None
 
 
 def _renamed(callback: Callable[[Progress], None], name: str) -> Callable[[Progress], None]:

@@ -18,31 +18,44 @@ import json
 from pathlib import Path
 from typing import Any
 
-from alignsam.train import INSTANCE_MARGIN
+from alignsam.policy import TrainConfig
+from alignsam.train import INSTANCE_MARGIN, kept_instance_mode
 from benchmarks.common import RESULTS, write_results
 
-VARIANTS = {  # variant -> results-file stem pattern ({task}: the task with ':' as '_')
-    "10x10": "instances",
-    "16x16": "choices_grid16_{task}",
-    "10x10 + mask feedback": "choices_maskinput_{task}",
-    "10x10 (boxes measured)": "choices_box_{task}",
+VARIANTS = {  # variant -> results-file stem patterns, the first that exists ({task}: the task with ':' as '_')
+    "10x10": ("instances",),
+    # The re-runs with every ablation and the instance filter (2026-12-03) where they exist.
+    "16x16": ("choices_grid16_ablations_{task}", "choices_grid16_{task}"),
+    "10x10 + mask feedback": ("choices_maskinput_{task}",),
+    "10x10 (boxes measured)": ("choices_box_{task}",),
 }
-MODES = {"off": "AlignSAM", "instances": "AlignSAM + instances", "box": "AlignSAM + instances + box"}
+MODES = {"off": "AlignSAM", "instances": "AlignSAM + instances", "box": "AlignSAM + instances + box",
+         "filter": "AlignSAM + instances + filter"}
 
 
-def _load(stem: str, task: str, results_dir: Path) -> dict[str, Any] | None:
-    path = results_dir / f"{stem.format(task=task.replace(':', '_'))}.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())["results"]["tasks"].get(task)
+def _load(stems: tuple[str, ...], task: str, results_dir: Path) -> dict[str, Any] | None:
+    for stem in stems:
+        path = results_dir / f"{stem.format(task=task.replace(':', '_'))}.json"
+        if path.is_file() and (r := json.loads(path.read_text())["results"]["tasks"].get(task)) is not None:
+            return r
+    return None
 
 
 def kept_mode(val: dict[str, Any]) -> tuple[str, float]:
-    """The mode a training keeps from validation mIoUs ``{"off", "instances", "box"?}``, and its score."""
-    split = max((m for m in ("instances", "box") if val.get(m) is not None), key=lambda m: val[m])
-    if val[split] >= val["off"] + INSTANCE_MARGIN:
-        return split, float(val[split])
-    return "off", float(val["off"])
+    """The mode a training keeps from validation mIoUs ``{"off", "instances", "box"?, "filter"?}`` (the filter on
+    the better of points and box, as ``benchmarks/instances.py`` measures it), and its score; as
+    :func:`alignsam.train.kept_instance_mode` keeps it."""
+    base = "box" if val.get("box") is not None and val["box"] > val["instances"] else "points"
+    modes = {"points": {"miou": val["instances"]}}
+    if val.get("box") is not None:
+        modes["box"] = {"miou": val["box"]}
+    if val.get("filter") is not None:
+        modes[f"{base}+filter"] = {"miou": val["filter"]}
+    kept = kept_instance_mode(modes, val["off"], TrainConfig(instances="auto"))
+    if kept is None:
+        return "off", float(val["off"])
+    name = "filter" if kept.endswith("+filter") else ("box" if kept == "box" else "instances")
+    return name, float(modes[kept]["miou"])
 
 
 def collect(tasks: list[str], results_dir: Path) -> dict[str, Any]:
@@ -91,15 +104,17 @@ def main() -> None:
     for task, r in results["tasks"].items():
         for variant, v in r["variants"].items():
             val, test = v["val"], v["test"]
-            rows.append((task, variant, f(val["off"]), f(val["instances"]), f(val.get("box")),
-                         v["kept_mode"], f(test.get("off")), f(test.get("instances")), f(test.get("box")), ""))
-        rows.append((task, f"**validation picks {r['chosen']}, {r['chosen_mode']}**", "", "", "", "",
-                     "", "", "", f"test {r['chosen_test_miou']:.3f} (paper's default {f(r['paper_default_test_miou'])}"
+            rows.append((task, variant, f(val["off"]), f(val["instances"]), f(val.get("box")), f(val.get("filter")),
+                         v["kept_mode"], f(test.get("off")), f(test.get("instances")), f(test.get("box")),
+                         f(test.get("filter")), ""))
+        rows.append((task, f"**validation picks {r['chosen']}, {r['chosen_mode']}**", "", "", "", "", "",
+                     "", "", "", "", f"test {r['chosen_test_miou']:.3f} (paper's default {f(r['paper_default_test_miou'])}"
                      f"); oracle {r['oracle']:.3f}, ratio {r['over_oracle']:.3f}; best on test "
                      f"{r['best_on_test']['miou']:.3f} ({r['best_on_test']['variant']}, {r['best_on_test']['mode']})"))
     path = write_results(args.name, results, rows, (
-        "task", "variant", "val one mask", "val per instance", "val per instance + box", "kept mode",
-        "test one mask", "test per instance", "test per instance + box", "chosen"), RESULTS)
+        "task", "variant", "val one mask", "val per instance", "val per instance + box", "val per instance + filter",
+        "kept mode", "test one mask", "test per instance", "test per instance + box", "test per instance + filter",
+        "chosen"), RESULTS)
     print(f"wrote {path}")
 
 

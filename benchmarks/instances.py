@@ -35,6 +35,7 @@ import torch
 from alignsam import metrics
 from alignsam.bundle import load_bundle, save_bundle
 from alignsam.evaluate import foreground_rate
+from alignsam.instances import fit_instance_filter, instance_examples
 from alignsam.loading import load_sam, resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
@@ -42,7 +43,7 @@ from alignsam.predict import AlignSAM
 from alignsam.rollout import encode
 from alignsam.synthetic.baselines import oracle_predict
 from alignsam.synthetic.quality import DEFAULT_TASKS, task_samples
-from alignsam.train import INSTANCE_MARGIN, train
+from alignsam.train import INSTANCE_MARGIN, kept_instance_mode, train
 from benchmarks.common import RESULTS, write_results
 
 TASKS = (*DEFAULT_TASKS, "instances")
@@ -55,7 +56,7 @@ def _same_training(meta: dict[str, Any], cfg: TrainConfig, task: str, n_train: i
     have = dict(meta.get("config") or {})
     want = json.loads(json.dumps(cfg.to_dict()))
     for d in (have, want):
-        for key in ("instances", "instance_boxes", "grids", "mask_feedback"):
+        for key in ("instances", "instance_boxes", "instance_filter", "grids", "mask_feedback"):
             d.pop(key, None)
     return meta.get("task", task) == task and meta.get("train_samples") in (n_train, round(n_train * 0.8)) \
         and have == want and meta.get("sam_model_id", sam_id) == sam_id
@@ -87,15 +88,18 @@ def variant_suffix(cfg: TrainConfig) -> str:
 
 
 MODES = {"": (False, False), " + instances": (True, False), " + instances + box": (True, True)}
+FILTER = " + filter"
+"""Suffix of the per-instance rows with the instance filter fit on the train split (:mod:`alignsam.instances`)."""
 OWN_MASKS = " + instances by own masks"
 """The w/o-SRM row's honest per-instance mode: grouped by its points' own masks, not by the trained SRM's map
 (:func:`alignsam.instances.group_by_point_masks`); its per-instance goal is measured against this row."""
 
 
 def table(model: AlignSAM, samples: list[Any], seed: int, rows: list[str] | None = None,
-          boxes: bool = False) -> dict[str, dict[str, float]]:
+          boxes: bool = False, filter_boxes: bool | None = None) -> dict[str, dict[str, float]]:
     """mIoU and FR of each row (``rows``: a subset of ``ROWS``; None: all) in each mode (with ``boxes``: also per
-    instance with each instance's box)."""
+    instance with each instance's box; with ``filter_boxes`` not None, which needs ``model.instance_filter``: also
+    per instance, with boxes or not, with the filter, every row, the w/o-SRM one grouped by its own masks too)."""
     images, gts = [s.image for s in samples], [s.mask for s in samples]
     out: dict[str, dict[str, float]] = {}
     for name, kwargs in ROWS.items():
@@ -107,10 +111,16 @@ def table(model: AlignSAM, samples: list[Any], seed: int, rows: list[str] | None
             preds = model.predict(images, generator=torch.Generator().manual_seed(seed), instances=split,
                                   boxes=boxed, **kwargs)  # type: ignore[arg-type]
             out[f"{name}{suffix}"] = _row(preds, gts)
-        if name == "w/o SRM":
+        if filter_boxes is not None:
             preds = model.predict(images, generator=torch.Generator().manual_seed(seed), instances=True,
-                                  grouping="points", **kwargs)  # type: ignore[arg-type]
-            out[f"{name}{OWN_MASKS}"] = _row(preds, gts)
+                                  boxes=filter_boxes, instance_filter=True, **kwargs)  # type: ignore[arg-type]
+            out[f"{name} + instances{FILTER}"] = _row(preds, gts)
+        if name == "w/o SRM":
+            for flt in (False, True) if filter_boxes is not None else (False,):
+                # The filter is learned from labels, not part of the SRM: the ablation may keep it (conservative).
+                preds = model.predict(images, generator=torch.Generator().manual_seed(seed), instances=True,
+                                      grouping="points", instance_filter=flt, **kwargs)  # type: ignore[arg-type]
+                out[f"{name}{OWN_MASKS}{FILTER if flt else ''}"] = _row(preds, gts)
     return out
 
 
@@ -136,17 +146,34 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
     # As alignsam.train.train chooses: the better per-instance form (points first on a tie), kept if it clears
     # the margin over the policy's own mask.
     box_wins = val_box is not None and val_box > val_on
-    chosen = max(val_on, val_box if box_wins else val_on) >= val_off + INSTANCE_MARGIN  # type: ignore[type-var]
-    rows = table(model, test, args.seed, args.rows, args.boxes)
+    # The instance filter as training fits it: on the training scenes' instances (here all 50: the benchmark's
+    # policy was trained on all of them), in the better per-instance form.
+    train_samples = task_samples(task, "train", args.train)
+    examples = [instance_examples(s.image, p.instances, s.mask) for s, p in zip(
+        train_samples, model.predict([s.image for s in train_samples], instances=True, boxes=box_wins), strict=True)
+        if p.instance_points]
+    model.instance_filter = fit_instance_filter(np.concatenate([x for x, _ in examples]),
+                                                np.concatenate([y for _, y in examples])) if examples else None
+    val_filter = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=True, boxes=box_wins,
+                                                              instance_filter=True)], val_gts) \
+        if model.instance_filter is not None else None
+    modes = {"points": {"miou": val_on}, **({"box": {"miou": val_box}} if val_box is not None else {}),
+             **({f"{'box' if box_wins else 'points'}+filter": {"miou": val_filter}} if val_filter is not None else {})}
+    kept = kept_instance_mode(modes, val_off, dataclasses.replace(cfg, instances="auto"))
+    chosen, filtered = kept is not None, kept is not None and kept.endswith("+filter")
+    rows = table(model, test, args.seed, args.rows, args.boxes,
+                 filter_boxes=box_wins if model.instance_filter is not None else None)
     enc = encode(sam, [s.image for s in test], masks=[s.mask for s in test])
     probs, _ = oracle_predict(sam, enc, cfg.ppo.steps)
     oracle = metrics.miou([p.cpu().numpy() for p in probs], [s.mask for s in test])
     mode = (" + instances + box" if box_wins else " + instances") if chosen else ""
+    if filtered:
+        mode = f" + instances{FILTER}"
     ours = rows[f"AlignSAM{mode}"]
     goals: dict[str, float] = {"over_oracle": ours["miou"] / max(oracle, 1e-9)}
     met = {"over_oracle": goals["over_oracle"] >= 0.90}
     # Per instance, the w/o-SRM ablation is grouped without the SRM (its own masks), so the gap measures the SRM.
-    wo_srm = f"w/o SRM{OWN_MASKS}" if mode else "w/o SRM"
+    wo_srm = (f"w/o SRM{OWN_MASKS}{FILTER if filtered else ''}") if mode else "w/o SRM"
     if f"w/o RL{mode}" in rows and wo_srm in rows:
         goals = {
             "fr_over_random": ours["fr"] - rows[f"w/o RL{mode}"]["fr"],
@@ -157,8 +184,9 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
         met.update(fr_over_random=goals["fr_over_random"] >= 0.10, miou_over_wo_rl=goals["miou_over_wo_rl"] >= 0.05,
                    miou_over_wo_srm=goals["miou_over_wo_srm"] >= 0.05)
     out = {"task": task, **info, "grid": list(cfg.grid), "use_mask_input": cfg.use_mask_input,
-           "val": {"off": val_off, "instances": val_on, "box": val_box, "n": len(val),
-                   "chosen": ("instances + box" if box_wins else "instances") if chosen else "off"},
+           "val": {"off": val_off, "instances": val_on, "box": val_box, "filter": val_filter, "n": len(val),
+                   "chosen": ("instances + box" if box_wins else "instances") + (" + filter" if filtered else "")
+                   if chosen else "off"},
            "rows": rows, "oracle_miou": oracle, "goals": goals, "met": met, "eval_s": time.perf_counter() - t0}
     print(f"[{task}] val off {val_off:.3f} / instances {val_on:.3f} -> {out['val']['chosen']}; test AlignSAM "
           f"{rows['AlignSAM']['miou']:.3f} / + instances {rows['AlignSAM + instances']['miou']:.3f}; oracle "
@@ -236,6 +264,7 @@ def write(name: str, results: dict[str, Any]) -> None:
                      f"over w/o SRM {g['miou_over_wo_srm']:+.3f} {'ok' if m['miou_over_wo_srm'] else 'MISS'}; "
                      ) if "fr_over_random" in g else "ablations not run; "
         box = f" / box {r['val']['box']:.3f}" if r["val"].get("box") is not None else ""
+        box += f" / filter {r['val']['filter']:.3f}" if r["val"].get("filter") is not None else ""
         lines.append((task, f"**chosen: {r['val']['chosen']}** (val {r['val']['off']:.3f} / {r['val']['instances']:.3f}"
                       f"{box})",
                       "", "", "", f"oracle {r['oracle_miou']:.3f}, ratio {g['over_oracle']:.3f}",

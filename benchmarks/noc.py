@@ -59,7 +59,8 @@ def trained_bundle(sam: Any, task: str, cfg: TrainConfig, n_train: int, cache: P
     """The policy for ``task`` from the cache, or trained now and cached. Returns (bundle, info)."""
     d = cfg.to_dict()
     # Fields at their defaults that bundles cached before they existed were trained with: the same key.
-    for field, default in (("instances", "off"), ("grids", []), ("instance_boxes", "auto")):
+    for field, default in (("instances", "off"), ("grids", []), ("instance_boxes", "auto"),
+                           ("instance_filter", "auto")):
         if d.get(field) in (default, tuple(default) if isinstance(default, list) else default):
             d.pop(field)
     key = _digest({"task": task, "n_train": n_train, "cfg": d, "sam": sam.model_id})

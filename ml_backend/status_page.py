@@ -170,6 +170,8 @@ def _instance_choice(meta: Mapping[str, Any]) -> str | None:
         return None
     chosen = ("per instance with boxes" if meta.get("instance_boxes") else "per instance") if meta["instances"] \
         else "one mask"
+    if meta["instances"] and meta.get("instance_filter"):
+        chosen += ", filtered"
     split = meta.get("instance_metrics") if isinstance(meta.get("instance_metrics"), Mapping) else {}
     branches = meta.get("candidates") if isinstance(meta.get("candidates"), Mapping) else {}
     kept = meta.get("chosen_candidate") or meta.get("branch")

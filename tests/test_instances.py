@@ -9,7 +9,20 @@ import pytest
 import torch
 
 from alignsam.bundle import load_bundle, save_bundle
-from alignsam.instances import component_box, grid_components, group_by_point_masks, split_instances
+from alignsam.errors import BundleError
+from alignsam.instances import (
+    FEATURES,
+    InstanceFilter,
+    InstanceResult,
+    component_box,
+    filter_instances,
+    fit_instance_filter,
+    grid_components,
+    group_by_point_masks,
+    instance_examples,
+    instance_features,
+    split_instances,
+)
 from alignsam.loading import load_sam
 from alignsam.metrics import iou
 from alignsam.policy import TrainConfig
@@ -18,7 +31,7 @@ from alignsam.predict import AlignSAM
 from alignsam.rollout import SrmInputs, encode
 from alignsam.sam import FrozenSam
 from alignsam.synthetic import make_split
-from alignsam.train import train
+from alignsam.train import kept_instance_mode, train
 from ml_backend.errors import LabelConfigError
 from ml_backend.formats import masks_to_results
 from ml_backend.label_config import parse_label_config
@@ -157,16 +170,22 @@ def test_training_chooses_the_mode_by_validation_and_the_bundle_keeps_it(tmp_pat
     assert auto.instance_metrics is not None
     chosen = auto.instance_metrics["miou"] >= auto.candidates["implicit"]["miou"] + 0.01
     assert auto.policy.instances is chosen
-    # Per-instance prompts with points alone and with boxes were both validated; the better one is the mode.
+    # Per-instance prompts with points alone and with boxes were both validated (and the better one with a filter,
+    # when one could be fit); the kept one is the mode.
     modes = auto.instance_candidates["implicit"]
-    assert set(auto.instance_candidates) == {"implicit"} and set(modes) == {"points", "box"}
-    best = max(modes, key=lambda k: modes[k]["miou"])
-    assert auto.instance_metrics == modes[best]
-    assert auto.policy.instance_boxes is (chosen and best == "box")
-    boxed = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on", "instance_boxes": "on"}))
+    assert set(auto.instance_candidates) == {"implicit"} and {"points", "box"} <= set(modes)
+    assert set(modes) - {"points", "box"} <= {"points+filter", "box+filter"}
+    kept = kept_instance_mode(modes, auto.candidates["implicit"]["miou"], auto.policy.config)
+    assert auto.instance_metrics == modes[kept or max(modes, key=lambda k: modes[k]["miou"])]
+    assert auto.policy.instance_boxes is (kept is not None and kept.startswith("box"))
+    assert (auto.policy.instance_filter is not None) is (kept is not None and kept.endswith("+filter"))
+    boxed = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on", "instance_boxes": "on",
+                                                "instance_filter": "off"}))
     assert set(boxed.instance_candidates["implicit"]) == {"box"} and boxed.policy.instance_boxes is True
-    points = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on", "instance_boxes": "off"}))
+    points = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on", "instance_boxes": "off",
+                                                "instance_filter": "off"}))
     assert set(points.instance_candidates["implicit"]) == {"points"} and points.policy.instance_boxes is False
+    assert points.policy.instance_filter is None
     assert off.instance_candidates == {}
     save_bundle(boxed.policy, tmp_path / "b.pt", sam, text="disc")
     assert load_bundle(tmp_path / "b.pt", sam).meta["instance_boxes"] is True
@@ -176,6 +195,114 @@ def test_training_chooses_the_mode_by_validation_and_the_bundle_keeps_it(tmp_pat
     preds = AlignSAM(sam, bundle).predict([s.image for s in samples[:2]])
     assert all(len(p.instances) >= 1 and p.instances[0].shape == p.mask.shape for p in preds)
     assert all(p.low_res is None for p in preds if len(p.instances) > 1)
+
+
+def _shapes_image(rng: np.random.Generator, n_discs: int, n_squares: int) -> tuple[np.ndarray, list, np.ndarray]:
+    """A grey 96 x 96 image with red discs (the target) and red squares: (image, instance masks, target mask)."""
+    image = np.full((96, 96, 3), 120, np.uint8)
+    yy, xx = np.mgrid[:96, :96]
+    masks, gt = [], np.zeros((96, 96), bool)
+    for k in range(n_discs + n_squares):
+        cy, cx = 14 + 34 * (k // 3), 14 + 34 * (k % 3)
+        r = int(rng.integers(7, 12))
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r if k < n_discs else (abs(yy - cy) <= r) & (abs(xx - cx) <= r)
+        image[m] = (int(rng.integers(180, 255)), int(rng.integers(0, 40)), int(rng.integers(0, 40)))
+        masks.append(m)
+        gt |= m if k < n_discs else False
+    return image, masks, gt
+
+
+def test_an_instance_filter_learns_which_instances_are_the_target() -> None:
+    """Red discs among red squares: the filter learned from labelled images keeps the discs of a new one, drops the
+    squares, and rebuilds the union from what it keeps; it survives the bundle's JSON; nothing to learn, no filter."""
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for _ in range(6):
+        image, masks, gt = _shapes_image(rng, 3, 3)
+        x, y = instance_examples(image, masks, gt)
+        assert x.shape == (6, len(FEATURES)) and y.tolist() == [True] * 3 + [False] * 3
+        xs.append(x)
+        ys.append(y)
+    flt = fit_instance_filter(np.concatenate(xs), np.concatenate(ys))
+    assert flt is not None
+    image, masks, gt = _shapes_image(rng, 2, 4)
+    probs = [m.astype(np.float32) for m in masks]
+    result = InstanceResult(np.max(np.stack(probs), 0), masks, [[(0.0, 0.0, 1)]] * 6, True, probs)
+    kept = filter_instances(result, image, flt)
+    assert len(kept.masks) == 2 and np.array_equal(kept.probs > 0.5, gt)
+    again = InstanceFilter.from_dict(flt.to_dict())
+    assert np.allclose(again.scores(np.stack([instance_features(image, m) for m in masks])),
+                       flt.scores(np.stack([instance_features(image, m) for m in masks])))
+    only_squares = InstanceResult(result.probs, masks[2:], [[]] * 4, True, probs[2:])
+    assert len(filter_instances(only_squares, image, flt).masks) == 1  # all rejected: the likeliest one stays
+    unsplit = InstanceResult(result.probs, [result.probs > 0.5], [[]], False, [result.probs])
+    assert filter_instances(unsplit, image, flt) is unsplit
+    assert fit_instance_filter(np.concatenate(xs), np.ones(36, bool)) is None
+    assert fit_instance_filter(xs[0][:4], ys[0][:4]) is None
+    with pytest.raises(ValueError, match="other features"):
+        InstanceFilter.from_dict({**flt.to_dict(), "features": ["hue"]})
+    with pytest.raises(ValueError, match="malformed"):
+        InstanceFilter.from_dict({**flt.to_dict(), "weight": [1.0]})
+    assert instance_features(image[..., 0], masks[0]).shape == (len(FEATURES),)  # grey images are read as RGB
+    assert not instance_features(image, np.zeros((96, 96), bool)).any()
+
+
+def test_the_filter_drops_distractor_instances_sam_draws(small: FrozenSam) -> None:
+    """The bundled small SAM on the multi-instance family, prompted once per object of every kind (targets and
+    distractors: an SRM map that cannot tell them apart): a filter fit on 8 scenes drops most distractors of 4 others
+    and lifts their mIoU."""
+    scenes = make_split("instances", "test", 12)
+    objects = [np.logical_or.reduce(s.regions) for s in scenes]
+    enc = encode(small, [s.image for s in scenes], masks=objects)
+    srm_in = SrmInputs(small, enc)
+    assert srm_in.gt is not None
+    logits = (srm_in.gt[:, 0] > 0.5).float() * 10 - 5
+    parts = split_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], [[] for _ in scenes],
+                            [np.zeros(s.mask.shape, np.float32) for s in scenes])
+    examples = [instance_examples(s.image, p.masks, s.mask) for s, p in zip(scenes[:8], parts[:8], strict=True)]
+    flt = fit_instance_filter(np.concatenate([x for x, _ in examples]), np.concatenate([y for _, y in examples]))
+    assert flt is not None
+    before = [iou(p.probs > 0.5, s.mask) for s, p in zip(scenes[8:], parts[8:], strict=True)]
+    after = [iou(filter_instances(p, s.image, flt).probs > 0.5, s.mask)
+             for s, p in zip(scenes[8:], parts[8:], strict=True)]
+    assert np.mean(after) > np.mean(before) + 0.1, (before, after)
+
+
+def test_kept_instance_mode_needs_the_margin_at_each_step() -> None:
+    cfg = TrainConfig(instances="auto")
+    m = {"points": {"miou": 0.60}, "box": {"miou": 0.55}, "points+filter": {"miou": 0.605}}
+    assert kept_instance_mode(m, 0.50, cfg) == "points"           # the filter's +0.005 is noise
+    assert kept_instance_mode(m, 0.595, cfg) is None               # neither clears one mask by 0.01
+    assert kept_instance_mode({**m, "points+filter": {"miou": 0.62}}, 0.605, cfg) == "points+filter"
+    assert kept_instance_mode(m, 0.70, TrainConfig(instances="on")) == "points"
+    assert kept_instance_mode(m, 0.50, TrainConfig(instances="auto", instance_filter="on")) == "points+filter"
+    assert kept_instance_mode({"box": {"miou": 0.7}}, 0.5, cfg) == "box"
+    assert kept_instance_mode({}, 0.5, cfg) is None
+
+
+def test_a_bundle_keeps_its_instance_filter_and_a_broken_one_is_refused(tmp_path) -> None:
+    sam = FrozenSam.from_preset("tiny", seed=0)
+    samples = bright_disc_samples(6, seed=2)
+    cfg = TrainConfig(ppo=PPOConfig(episodes=1, steps=2, epochs=1), grid=(6, 6), branch="implicit", seed=3,
+                      instances="on", instance_filter="off")
+    result = train(sam, samples, cfg)
+    flt = InstanceFilter([0.0] * len(FEATURES), [1.0] * len(FEATURES), [0.0] * len(FEATURES), -1.0)  # rejects all
+    result.policy.instance_filter = flt.to_dict()
+    save_bundle(result.policy, tmp_path / "f.pt", sam, text="disc")
+    model = AlignSAM(sam, load_bundle(tmp_path / "f.pt", sam))
+    assert model.instance_filter == flt
+    images = [s.image for s in samples]
+    filtered, plain = model.predict(images), model.predict(images, instance_filter=False)
+    for f, p in zip(filtered, plain, strict=True):
+        assert len(f.instances) == (1 if len(p.instances) > 1 else len(p.instances))
+    bundle = load_bundle(tmp_path / "f.pt", sam)
+    bundle.meta["instance_filter"] = {"features": ["old"]}
+    with pytest.raises(BundleError, match="instance filter"):
+        AlignSAM(sam, bundle)
+    result.policy.instance_filter = None
+    save_bundle(result.policy, tmp_path / "n.pt", sam, text="disc")
+    with pytest.raises(ValueError, match="no instance filter"):
+        AlignSAM(sam, load_bundle(tmp_path / "n.pt", sam)).predict(images[:1], instance_filter=True)
 
 
 def test_one_brush_region_per_instance_as_the_project_or_the_policy_chooses() -> None:

@@ -389,7 +389,7 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
              "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates,
              "chosen_candidate": choices["chosen_candidate"], "grid": list(policy.config.grid),
              "instances": policy.instances, "instance_boxes": policy.instance_boxes,
-             "instance_metrics": result.instance_metrics, "mask_input": policy.config.use_mask_input, **interactive}
+             "instance_filter": policy.instance_filter is not None, "instance_metrics": result.instance_metrics, "mask_input": policy.config.use_mask_input, **interactive}
     if old is None or old_miou is None or new_miou >= old_miou:
         run.store.set_policy_version(run.project_id, target.label, version)
         entry["status"] = "activated"
@@ -414,7 +414,7 @@ def _held_out_predictions(run: _TrainingRun, target: Target, samples: Sequence[S
             return None
         p = result.policy
         meta = {"text": target.prompt, "version": "validation", "branch": p.branch, "instances": p.instances,
-                "instance_boxes": p.instance_boxes}
+                "instance_boxes": p.instance_boxes, "instance_filter": p.instance_filter}
         model = AlignSAM(run.m.sam, Bundle(p.agent, p.srm, p.config, meta), run.m.clip)
         return held_out, model.predict([s.image for s in held_out])
     except Exception as exc:
@@ -525,14 +525,14 @@ def _finish(run: _TrainingRun, fingerprint: str, results: dict[str, Any],
             "activated": activated, "prelabel_job": prelabel_job, "seconds": round(time.time() - run.started, 2)}
 
 
-def _active_policy(m: Any, project_id: int, label: str, version: str) -> tuple[Any, Any, Any] | None:
-    """(agent, SRM, config) of the active policy of a label, or None when it cannot be loaded."""
+def _active_policy(m: Any, project_id: int, label: str, version: str) -> tuple[Any, Any, Any, Any] | None:
+    """(agent, SRM, config, instance filter) of the active policy of a label, or None when it cannot be loaded."""
     try:
         model = m.policy(project_id, label, version)
     except Exception as exc:  # a missing or incompatible bundle: compare by its recorded score instead
         logger.warning("project %s label %s: cannot load active policy %s (%s)", project_id, label, version, exc)
         return None
-    return model.agent, model.srm, model.bundle.config
+    return model.agent, model.srm, model.bundle.config, model.instance_filter
 
 
 def _write_bundle(settings: Settings, project_id: int, label: str, text: str, policy: Any, m: Any,
