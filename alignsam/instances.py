@@ -267,7 +267,7 @@ def group_by_point_masks(
 # decoded instance has SAM's full-resolution mask, whose colour and shape say what the grid cannot. So, beyond the
 # paper, each label can learn a logistic filter over a few statistics of each instance (the colour of its mask's
 # pixels, its shape) from its own labelled tasks. Whether a label uses it is chosen by
-# validation like the other instance choices (benchmarks/results/instances_filter.md).
+# validation like the other instance choices (benchmarks/results/instances_notes.md, "An instance filter").
 
 FEATURES = ("hue cos", "hue sin", "saturation", "value", "pixel hue cos", "pixel hue sin", "red std", "green std",
             "blue std", "area", "box fill", "compactness")

@@ -109,14 +109,14 @@ def table(model: AlignSAM, samples: list[Any], seed: int, rows: list[str] | None
             if boxed and not boxes:
                 continue
             preds = model.predict(images, generator=torch.Generator().manual_seed(seed), instances=split,
-                                  boxes=boxed, **kwargs)  # type: ignore[arg-type]
+                                  boxes=boxed, instance_filter=False, **kwargs)  # type: ignore[arg-type]
             out[f"{name}{suffix}"] = _row(preds, gts)
         if filter_boxes is not None:
             preds = model.predict(images, generator=torch.Generator().manual_seed(seed), instances=True,
                                   boxes=filter_boxes, instance_filter=True, **kwargs)  # type: ignore[arg-type]
             out[f"{name} + instances{FILTER}"] = _row(preds, gts)
         if name == "w/o SRM":
-            for flt in (False, True) if filter_boxes is not None else (False,):
+            for flt in (False, True) if filter_boxes is not None else (False,):  # the plain row first: unfiltered
                 # The filter is learned from labels, not part of the SRM: the ablation may keep it (conservative).
                 preds = model.predict(images, generator=torch.Generator().manual_seed(seed), instances=True,
                                       grouping="points", instance_filter=flt, **kwargs)  # type: ignore[arg-type]
@@ -152,8 +152,9 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
     examples = [instance_examples(s.image, p.instances, s.mask) for s, p in zip(
         train_samples, model.predict([s.image for s in train_samples], instances=True, boxes=box_wins), strict=True)
         if p.instance_points]
-    model.instance_filter = fit_instance_filter(np.concatenate([x for x, _ in examples]),
-                                                np.concatenate([y for _, y in examples])) if examples else None
+    targets = np.concatenate([y for _, y in examples]) if examples else np.zeros(0, bool)
+    model.instance_filter = fit_instance_filter(np.concatenate([x for x, _ in examples]), targets) \
+        if examples else None  # None too when every training instance is the target (nothing to learn)
     val_filter = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=True, boxes=box_wins,
                                                               instance_filter=True)], val_gts) \
         if model.instance_filter is not None else None
@@ -184,6 +185,7 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
         met.update(fr_over_random=goals["fr_over_random"] >= 0.10, miou_over_wo_rl=goals["miou_over_wo_rl"] >= 0.05,
                    miou_over_wo_srm=goals["miou_over_wo_srm"] >= 0.05)
     out = {"task": task, **info, "grid": list(cfg.grid), "use_mask_input": cfg.use_mask_input,
+           "filter_examples": {"instances": len(targets), "targets": int(targets.sum())},
            "val": {"off": val_off, "instances": val_on, "box": val_box, "filter": val_filter, "n": len(val),
                    "chosen": ("instances + box" if box_wins else "instances") + (" + filter" if filtered else "")
                    if chosen else "off"},
