@@ -81,7 +81,7 @@ def run_task(
       seed: for the w/o-RL ablation's random actions.
 
     With ``cfg.instances`` "auto" / "on" and per-instance prompts kept (``out["instances"]``), every row of the
-    table uses them; ``out["one_mask_miou"]`` is AlignSAM with the policy's own mask on the same test scenes.
+    table uses them, with the boxes and the instance filter where training kept those; ``out["one_mask_miou"]`` is AlignSAM with the policy's own mask on the same test scenes.
     """
     train_samples = task_samples(task, "train", n_train)
     test_samples = task_samples(task, "test", n_test)
@@ -90,7 +90,8 @@ def run_task(
     train_s = time.perf_counter() - t0
     p = result.policy
     text = train_samples[0].text
-    meta = {"text": text, "version": "quality", "branch": p.branch, "instances": p.instances}
+    meta = {"text": text, "version": "quality", "branch": p.branch, "instances": p.instances,
+            "instance_boxes": p.instance_boxes, "instance_filter": p.instance_filter}
     model = AlignSAM(sam, Bundle(p.agent, p.srm, p.config, meta), clip)
     t1 = time.perf_counter()
     table = evaluate(model, test_samples, ablations=True, seed=seed)  # every row in the mode validation chose
@@ -113,7 +114,8 @@ def run_task(
         "task": task, "text": text, "n_train": n_train, "n_test": n_test, "branch": p.branch,
         "candidates": result.candidates, "train_s": train_s, "eval_s": time.perf_counter() - t1,
         "train_timings": vars(result.timings), "table": table,
-        "instances": p.instances, "instance_metrics": result.instance_metrics, "one_mask_miou": one_mask,
+        "instances": p.instances, "instance_boxes": p.instance_boxes, "instance_filter": p.instance_filter is not None,
+        "instance_metrics": result.instance_metrics, "one_mask_miou": one_mask,
     }
     if "oracle clicker" in table:
         out["alignsam_over_oracle_miou"] = table["AlignSAM"]["miou"] / max(table["oracle clicker"]["miou"], 1e-9)
