@@ -33,8 +33,7 @@ from alignsam.errors import DataError
 from alignsam.instances import (
     InstanceFilter,
     filter_instances,
-    fit_instance_filter,
-    instance_examples,
+    fit_filter_on,
     split_instances,
 )
 from alignsam.metrics import iou as mask_iou
@@ -546,14 +545,10 @@ def _instance_modes(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: Prom
     if cfg.instance_filter == "off" or not held_out:
         return modes, None
     base = max(modes, key=lambda k: modes[k]["miou"])
-    xs, ys = [], []
-    for chunk, _, parts, _ in _rollouts(sam, enc, srm_in, agent, srm, train_idx, cfg, 32, True, base == "box"):
-        for i, part in zip(chunk, parts or [], strict=True):
-            if part.split:
-                x, y = instance_examples(images[i], part.masks, enc.masks[i])
-                xs.append(x)
-                ys.append(y)
-    flt = fit_instance_filter(np.concatenate(xs), np.concatenate(ys)) if xs else None
+    flt, _ = fit_filter_on((images[i], part.masks, enc.masks[i])
+                        for chunk, _, parts, _ in _rollouts(sam, enc, srm_in, agent, srm, train_idx, cfg, 32, True,
+                                                            base == "box")
+                        for i, part in zip(chunk, parts or [], strict=True) if part.split)
     if flt is not None:
         modes[f"{base}+filter"] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True,
                                                   boxes=base == "box", images=images, instance_filter=flt)

@@ -35,7 +35,7 @@ import torch
 from alignsam import metrics
 from alignsam.bundle import load_bundle, save_bundle
 from alignsam.evaluate import foreground_rate
-from alignsam.instances import fit_instance_filter, instance_examples
+from alignsam.instances import fit_filter_on
 from alignsam.loading import load_sam, resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
@@ -149,12 +149,10 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
     # The instance filter as training fits it: on the training scenes' instances (here all 50: the benchmark's
     # policy was trained on all of them), in the better per-instance form.
     train_samples = task_samples(task, "train", args.train)
-    examples = [instance_examples(s.image, p.instances, s.mask) for s, p in zip(
-        train_samples, model.predict([s.image for s in train_samples], instances=True, boxes=box_wins), strict=True)
-        if p.instance_points]
-    targets = np.concatenate([y for _, y in examples]) if examples else np.zeros(0, bool)
-    model.instance_filter = fit_instance_filter(np.concatenate([x for x, _ in examples]), targets) \
-        if examples else None  # None too when every training instance is the target (nothing to learn)
+    model.instance_filter, targets = fit_filter_on(  # None when every training instance is the target (nothing to learn)
+        (s.image, p.instances, s.mask) for s, p in zip(
+            train_samples, model.predict([s.image for s in train_samples], instances=True, boxes=box_wins),
+            strict=True) if p.instance_points)
     val_filter = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=True, boxes=box_wins,
                                                               instance_filter=True)], val_gts) \
         if model.instance_filter is not None else None

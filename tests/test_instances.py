@@ -16,6 +16,7 @@ from alignsam.instances import (
     InstanceResult,
     component_box,
     filter_instances,
+    fit_filter_on,
     fit_instance_filter,
     grid_components,
     group_by_point_masks,
@@ -247,6 +248,29 @@ def test_an_instance_filter_learns_which_instances_are_the_target() -> None:
     assert not instance_features(image, np.zeros((96, 96), bool)).any()
 
 
+def test_the_filter_learns_a_band_with_squares_and_still_reads_linear_filters() -> None:
+    """Targets in the middle of one feature, distractors on both sides (circles between triangles and squares in box
+    fill): no linear filter separates them, the squared terms do; a linear filter (bundles before squares) loads and
+    scores as it did."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, len(FEATURES)))
+    x[:, 10] = np.concatenate([rng.uniform(0.7, 0.85, 40), rng.uniform(0.4, 0.6, 40), rng.uniform(0.95, 1.0, 40)])
+    y = np.arange(120) < 40
+    linear = fit_instance_filter(x, y, squares=False)
+    banded = fit_instance_filter(x, y)
+    assert linear is not None and banded is not None and banded.squares and not linear.squares
+    assert ((banded.scores(x) >= 0) == y).mean() > 0.95
+    assert ((linear.scores(x) >= 0) == y).mean() < 0.85
+    old = {k: v for k, v in linear.to_dict().items() if k != "squares"}
+    assert np.allclose(InstanceFilter.from_dict(old).scores(x), linear.scores(x))
+    assert np.allclose(InstanceFilter.from_dict(banded.to_dict()).scores(x), banded.scores(x))
+    outlier = np.zeros((1, len(FEATURES)))
+    outlier[0, 10] = 1e6  # clipped: scored like a far distractor, not by an unbounded square
+    assert np.isfinite(banded.scores(outlier)).all() and banded.scores(outlier)[0] < 0
+    with pytest.raises(ValueError, match="malformed"):
+        InstanceFilter.from_dict({**banded.to_dict(), "weight": banded.weight[:-1]})
+
+
 def test_the_filter_drops_distractor_instances_sam_draws(small: FrozenSam) -> None:
     """The bundled small SAM on the multi-instance family, prompted once per object of every kind (targets and
     distractors: an SRM map that cannot tell them apart): a filter fit on 8 scenes drops most distractors of 4 others
@@ -259,9 +283,8 @@ def test_the_filter_drops_distractor_instances_sam_draws(small: FrozenSam) -> No
     logits = (srm_in.gt[:, 0] > 0.5).float() * 10 - 5
     parts = split_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], [[] for _ in scenes],
                             [np.zeros(s.mask.shape, np.float32) for s in scenes])
-    examples = [instance_examples(s.image, p.masks, s.mask) for s, p in zip(scenes[:8], parts[:8], strict=True)]
-    flt = fit_instance_filter(np.concatenate([x for x, _ in examples]), np.concatenate([y for _, y in examples]))
-    assert flt is not None
+    flt, keep = fit_filter_on((s.image, p.masks, s.mask) for s, p in zip(scenes[:8], parts[:8], strict=True))
+    assert flt is not None and len(keep) == sum(len(p.masks) for p in parts[:8]) and 0 < keep.mean() < 1
     before = [iou(p.probs > 0.5, s.mask) for s, p in zip(scenes[8:], parts[8:], strict=True)]
     after = [iou(filter_instances(p, s.image, flt).probs > 0.5, s.mask)
              for s, p in zip(scenes[8:], parts[8:], strict=True)]
