@@ -48,6 +48,19 @@ class Bundle:
     def version(self) -> str:
         return str(self.meta["version"])
 
+    @classmethod
+    def of(cls, policy: TrainedPolicy, text: str, version: str) -> Bundle:
+        """An unsaved bundle of ``policy`` (to validate or evaluate it), with the inference choices
+        :func:`save_bundle` records."""
+        return cls(policy.agent, policy.srm, policy.config, {"text": text, "version": version, **_choices(policy)})
+
+
+def _choices(policy: TrainedPolicy) -> dict[str, Any]:
+    """The inference-time choices training made, as :class:`alignsam.predict.AlignSAM` reads them from the meta."""
+    return {"branch": policy.branch, "instances": bool(policy.instances),
+            "instance_boxes": bool(policy.instances and policy.instance_boxes),
+            "instance_filter": policy.instance_filter if policy.instances else None}
+
 
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,10 +114,7 @@ def save_bundle(
         "sam_model_id": sam.model_id,
         "embed_dim": sam.embed_dim,
         "clip_model": clip_model,
-        "branch": policy.branch,
-        "instances": bool(policy.instances),
-        "instance_boxes": bool(policy.instances and policy.instance_boxes),
-        "instance_filter": policy.instance_filter if policy.instances else None,
+        **_choices(policy),
         "grid": list(policy.config.grid),
         "steps": policy.config.ppo.steps,
         "train_samples": len(policy.train_names),

@@ -362,8 +362,8 @@ class InstanceFilter:
         return _filter_terms(z, self.squares) @ np.asarray(self.weight) + self.bias
 
     def to_dict(self) -> dict[str, object]:
-        return {"features": list(FEATURES), "squares": self.squares, "mean": self.mean, "std": self.std,
-                "weight": self.weight, "bias": self.bias}
+        return {"features": list(FEATURES), "mean": self.mean, "std": self.std, "weight": self.weight,
+                "bias": self.bias}
 
     @classmethod
     def from_dict(cls, d: dict) -> InstanceFilter:

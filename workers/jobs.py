@@ -412,10 +412,7 @@ def _held_out_predictions(run: _TrainingRun, target: Target, samples: Sequence[S
         held_out = [by_name[n] for n in result.val_names if n in by_name]
         if not held_out:
             return None
-        p = result.policy
-        meta = {"text": target.prompt, "version": "validation", "branch": p.branch, "instances": p.instances,
-                "instance_boxes": p.instance_boxes, "instance_filter": p.instance_filter}
-        model = AlignSAM(run.m.sam, Bundle(p.agent, p.srm, p.config, meta), run.m.clip)
+        model = AlignSAM(run.m.sam, Bundle.of(result.policy, target.prompt, "validation"), run.m.clip)
         return held_out, model.predict([s.image for s in held_out])
     except Exception as exc:
         logger.warning("project %s label %s: the held-out images were not pre-labelled (%s: %s)", run.project_id,

@@ -81,7 +81,8 @@ def run_task(
       seed: for the w/o-RL ablation's random actions.
 
     With ``cfg.instances`` "auto" / "on" and per-instance prompts kept (``out["instances"]``), every row of the
-    table uses them, with the boxes and the instance filter where training kept those; ``out["one_mask_miou"]`` is AlignSAM with the policy's own mask on the same test scenes.
+    table uses them, with the boxes and the instance filter where training kept those; ``out["one_mask_miou"]`` is
+    AlignSAM with the policy's own mask on the same test scenes.
     """
     train_samples = task_samples(task, "train", n_train)
     test_samples = task_samples(task, "test", n_test)
@@ -90,9 +91,7 @@ def run_task(
     train_s = time.perf_counter() - t0
     p = result.policy
     text = train_samples[0].text
-    meta = {"text": text, "version": "quality", "branch": p.branch, "instances": p.instances,
-            "instance_boxes": p.instance_boxes, "instance_filter": p.instance_filter}
-    model = AlignSAM(sam, Bundle(p.agent, p.srm, p.config, meta), clip)
+    model = AlignSAM(sam, Bundle.of(p, text, "quality"), clip)
     t1 = time.perf_counter()
     table = evaluate(model, test_samples, ablations=True, seed=seed)  # every row in the mode validation chose
     one_mask = table["AlignSAM"]["miou"]
