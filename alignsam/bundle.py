@@ -31,6 +31,8 @@ FORMAT_VERSION = 3
 """3: the agent's stem reads each cell with its 3x3 neighbourhood mean and its history, through a LayerNorm, with no
 context block (alignsam.agent); 2: agent and SRM read projected states (alignsam.projection). Older ones are
 refused with a request to retrain."""
+MAX_REFINE_CLICKS = 32
+"""The most SRM corrective clicks a bundle may ask for (each is one more decode per image; training picks 0-6)."""
 
 
 @dataclass
@@ -168,7 +170,13 @@ def load_bundle(path: str | os.PathLike, sam: FrozenSam | None = None, device: s
                 f"{p} was trained with SAM weights {meta['sam_model_id']!r}, but these are {sam.model_id!r} "
                 f"(another checkpoint of {sam.spec.name!r}); the policy reads SAM embeddings, so retrain."
             )
-    cfg = TrainConfig.from_dict(meta["config"])
+    try:
+        cfg = TrainConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{p} has a training configuration this version cannot read: {exc}") from exc
+    clicks = cfg.refine_clicks
+    if isinstance(clicks, bool) or not isinstance(clicks, int) or not 0 <= clicks <= MAX_REFINE_CLICKS:
+        raise BundleError(f"{p} asks for {clicks!r} SRM corrective clicks; expected 0-{MAX_REFINE_CLICKS}")
     agent = PromptAgent(meta["embed_dim"], tuple(meta["grid"]), hidden=cfg.agent_hidden, use_history=cfg.use_history,
                         state_channels=cfg.agent_state_channels)
     srm = SRM.from_config(meta["embed_dim"], replace(cfg.srm, branch=meta["branch"]))

@@ -58,14 +58,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     clip = load_clip(args.clip_preset, args.clip_pretrained, device) if args.branch != "implicit" else None
     grid, *more = args.grids
     cfg = TrainConfig(ppo=PPOConfig(episodes=args.episodes, steps=args.steps), branch=args.branch, seed=args.seed,
-                      instances=args.instances, mask_feedback=args.mask_feedback, grid=grid, grids=tuple(more))
+                      instances=args.instances, mask_feedback=args.mask_feedback, refine=args.refine, grid=grid,
+                      grids=tuple(more))
     print(f"training on {len(samples)} samples of {args.prompt!r} with SAM {sam.model_id} on {device}", file=sys.stderr)
     result = train(sam, samples, cfg, clip=clip, callback=progress_printer())
     meta = save_bundle(result.policy, args.out, sam, args.prompt,
                        clip_model=args.clip_preset if result.policy.branch == "explicit" else None)
     print(json.dumps({"bundle": str(args.out), "version": meta["version"], "branch": meta["branch"],
                       "grid": meta["grid"], "validation": meta["val_metrics"], "candidates": result.candidates,
-                      "mask_input": result.policy.config.use_mask_input, "mask_feedback": result.mask_feedback},
+                      "mask_input": result.policy.config.use_mask_input, "mask_feedback": result.mask_feedback,
+                      "refine_clicks": result.policy.config.refine_clicks, "refine": result.refine},
                      indent=2))
     return 0
 
@@ -170,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt SAM once per instance of the SRM's map: auto = when it validates better")
     p.add_argument("--mask-feedback", choices=["auto", "off"], default="auto",
                    help="feed SAM's previous mask back as mask_input at inference: auto = when it validates better")
+    p.add_argument("--refine", choices=["auto", "off"], default="auto",
+                   help="SRM corrective clicks after the episode (0, 3 or 6): auto = as many as validate better")
     p.add_argument("--grids", nargs="+", type=_grid, default=[(10, 10)], metavar="RxC",
                    help="action grids to train and validate, e.g. 10x10 16x16 (paper: 10x10); the best is kept")
     p.add_argument("--samples", type=int, default=None, help="use at most N samples")

@@ -206,6 +206,15 @@ class PromptEnv:
         self._decode()
         return StepResult(reward=reward, hit=hit)
 
+    def add_points(self, points: torch.Tensor, labels: torch.Tensor) -> None:
+        """Grows every prompt set by one point outside the action grid, ``points [B, 2]`` (x, y) image pixels with
+        ``labels [B]`` (1 / 0; -1: no point), and re-decodes. No reward, no history: the episode's T steps are over
+        (:mod:`alignsam.refine` adds its corrective clicks so)."""
+        self.points = torch.cat([self.points, points.to(self.device).float()[:, None]], dim=1)
+        self.labels = torch.cat([self.labels, labels.to(self.device).long()[:, None]], dim=1)
+        self.n_points += 1
+        self._decode()
+
     # ------------------------------------------------------------------ views of the state
     def state(self) -> torch.Tensor:
         """``s_t = F_I * M_{t-1}``: ``[B, C, h, w]``."""

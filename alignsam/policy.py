@@ -51,6 +51,12 @@ class TrainConfig:
     # (the kept policy is validated with the other setting too, switched when that scores INSTANCE_MARGIN higher;
     # what the backend's training uses). See alignsam.train._mask_feedback.
     mask_feedback: Literal["auto", "off"] = "off"
+    # SRM corrective clicks after the episode (alignsam.refine): how many every inference adds (0: the paper).
+    refine_clicks: int = 0
+    # Choose ``refine_clicks`` at validation: "auto" (the kept policy, in its kept modes, validated with each of
+    # alignsam.refine.REFINE_CANDIDATES; more clicks kept only when they score INSTANCE_MARGIN higher; what the
+    # backend's training uses), "off" (keep ``refine_clicks``). See alignsam.train._refine_choice.
+    refine: Literal["auto", "off"] = "off"
 
     def env_config(self) -> EnvConfig:
         return EnvConfig(grid=self.grid, steps=self.ppo.steps, use_mask_input=self.use_mask_input)

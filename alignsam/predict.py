@@ -107,6 +107,7 @@ class AlignSAM:
         boxes: bool | None = None,
         grouping: Literal["srm", "points"] = "srm",
         instance_filter: bool | None = None,
+        refine: int | None = None,
     ) -> list[Prediction]:
         """Segments the bundle's target (or ``text``) in each image.
 
@@ -119,9 +120,13 @@ class AlignSAM:
         w/o-SRM ablation, from the positive points' own masks (:func:`alignsam.instances.group_by_point_masks`,
         no SRM involved; ``boxes`` does not apply). ``instance_filter``: with per-instance prompts, drop the instances
         the label's filter rejects (:func:`alignsam.instances.filter_instances`); None: when the bundle has one.
+        ``refine``: SRM corrective clicks after the episode (:mod:`alignsam.refine`); None: the bundle's
+        ``config.refine_clicks`` when the SRM labels the points (``labels="srm"``), else none (the ablations and
+        ground-truth labellings have no SRM to ask).
 
         Raises:
           ValueError: ``instance_filter=True`` for a bundle without a filter.
+          ValueError: ``refine`` > 0 with ``labels`` other than "srm".
         """
         if instance_filter and self.instance_filter is None:
             raise ValueError("this policy has no instance filter (its training did not keep one)")
@@ -131,6 +136,8 @@ class AlignSAM:
         text = text or self.text
         cfg = self.bundle.config
         steps = cfg.ppo.steps if steps is None else steps
+        if refine is None:
+            refine = cfg.refine_clicks if labels == "srm" else 0
         out: list[Prediction] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
@@ -143,7 +150,7 @@ class AlignSAM:
             env = PromptEnv(self.sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
             idx = torch.arange(len(chunk), device=self.sam.device)
             res = rollout(self.sam, env, srm_in, self.agent, self.srm, idx, steps, actions=actions,
-                          labels=labels, mask_repeats=cfg.ppo.mask_repeats, generator=generator)
+                          labels=labels, mask_repeats=cfg.ppo.mask_repeats, generator=generator, refine=refine)
             all_probs = [p.float().cpu().numpy() for p in res.probs]
             all_points = [[
                 (float(x), float(y), int(lab))

@@ -20,6 +20,7 @@ import torch
 from alignsam.agent import PromptAgent
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.env import PromptEnv
+from alignsam.refine import srm_corrective_clicks
 from alignsam.sam import FrozenSam, Size
 from alignsam.srm import SRM, SRMOutput
 
@@ -180,8 +181,16 @@ def rollout(
     labels: LabelSource = "srm",
     mask_repeats: bool = True,
     generator: torch.Generator | None = None,
+    refine: int = 0,
 ) -> RolloutResult:
-    """Runs one deterministic (argmax) episode of ``steps`` actions on images ``idx`` of ``env``."""
+    """Runs one deterministic (argmax) episode of ``steps`` actions on images ``idx`` of ``env``, then ``refine``
+    SRM corrective clicks (:mod:`alignsam.refine`; ``labels`` must be "srm" for any).
+
+    Raises:
+      ValueError: ``refine`` > 0 with points not labelled by the SRM (the ablations without it have no map).
+    """
+    if refine > 0 and labels != "srm":
+        raise ValueError(f"SRM corrective clicks need SRM labels, not {labels!r}")
     sizes = [env.sizes[i] for i in idx.tolist()]
     points, point_labels, present = srm_initial_points(sam, srm_in, srm, idx)
     env.reset(idx, points, point_labels, steps=steps)
@@ -193,6 +202,7 @@ def rollout(
         else:
             action = random_actions(env.history, generator)
         env.step(action, label_actions(labels, sam, env, srm_in, srm, action, sizes))
+    srm_corrective_clicks(sam, env, srm_in, srm, refine)
     fr = env.foreground_rate() if env.has_gt and steps > 0 else None
     probs = env.probs()
     probs_list = list(probs) if isinstance(probs, torch.Tensor) else probs

@@ -39,6 +39,7 @@ from alignsam.instances import (
 from alignsam.metrics import iou as mask_iou
 from alignsam.policy import TrainConfig, TrainedPolicy
 from alignsam.ppo import RolloutBuffer, ppo_update
+from alignsam.refine import REFINE_CANDIDATES
 from alignsam.rollout import Encoded, SrmInputs, add_clip_maps, encode, label_actions, rollout
 from alignsam.sam import FrozenSam
 from alignsam.srm import SRM, Branch, SRMConfig, srm_update, update_subsets
@@ -107,6 +108,10 @@ class TrainResult:
     # ``mask_input`` ("on") and without ("off"), on the same images; None when ``TrainConfig.mask_feedback`` is
     # "off". ``policy.config.use_mask_input`` says which was kept.
     mask_feedback: dict[str, dict[str, float]] | None = None
+    # The kept policy (in its kept modes, mask feedback included) validated with each count of SRM corrective
+    # clicks (alignsam.refine.REFINE_CANDIDATES; keys "0", "3", ...), on the same images; None when
+    # ``TrainConfig.refine`` is "off". ``policy.config.refine_clicks`` says which was kept.
+    refine: dict[str, dict[str, float]] | None = None
 
 
 def candidate_name(branch: str, grid: Sequence[int], default_grid: Sequence[int]) -> str:
@@ -205,7 +210,8 @@ def _rollouts(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgen
     srm.eval()
     for start in range(0, len(idx), batch):
         chunk = torch.tensor(idx[start : start + batch], device=sam.device)
-        res = rollout(sam, env, srm_in, agent, srm, chunk, cfg.ppo.steps, mask_repeats=cfg.ppo.mask_repeats)
+        res = rollout(sam, env, srm_in, agent, srm, chunk, cfg.ppo.steps, mask_repeats=cfg.ppo.mask_repeats,
+                      refine=cfg.refine_clicks)
         probs = [p.float().cpu().numpy() for p in res.probs]
         parts = None
         if instances:
@@ -478,8 +484,12 @@ def train(
         with clock("validation"):
             mask_feedback = _mask_feedback(sam, enc, srm_in, best, held_out, "validation" if val_idx else "training",
                                            images)
-    logger.info("kept %s, instances: %s, boxes: %s, mask feedback: %s", chosen, best.instances, best.instance_boxes,
-                best.config.use_mask_input)
+    refine = None
+    if cfg.refine == "auto":
+        with clock("validation"):
+            refine = _refine_choice(sam, enc, srm_in, best, held_out, "validation" if val_idx else "training", images)
+    logger.info("kept %s, instances: %s, boxes: %s, mask feedback: %s, SRM clicks: %d", chosen, best.instances,
+                best.instance_boxes, best.config.use_mask_input, best.config.refine_clicks)
     baseline_metrics = None
     if baseline is not None:
         agent_b, srm_b, cfg_b, *rest = baseline
@@ -503,7 +513,7 @@ def train(
                           elapsed_s=time.perf_counter() - t0))
     return TrainResult(best, candidates, timings, sam.stats.encoder_calls - calls0, clip_calls, baseline_metrics,
                        histories, [samples[i].name for i in held_out], instance_metrics, chosen, instance_candidates,
-                       mask_feedback)
+                       mask_feedback, refine)
 
 
 def _mask_feedback(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, policy: TrainedPolicy, held_out: Sequence[int],
@@ -526,6 +536,45 @@ def _mask_feedback(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, policy: Trai
     if other["miou"] >= policy.val_metrics["miou"] + INSTANCE_MARGIN:
         policy.config, policy.val_metrics = other_cfg, dict(other)
     return scores
+
+
+def _refine_choice(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, policy: TrainedPolicy, held_out: Sequence[int],
+                   on: str, images: Sequence[np.ndarray]) -> dict[str, dict[str, float]]:
+    """Validates ``policy`` (in its kept instance mode and mask feedback) with each count of SRM corrective clicks in
+    :data:`alignsam.refine.REFINE_CANDIDATES` (and its current count) and keeps one by :func:`kept_refine`: a larger
+    count only when it scores ``INSTANCE_MARGIN`` higher, since each click is one more decode per image.
+    Returns ``{"0": metrics, "3": metrics, ...}``; changes ``policy.config.refine_clicks`` and ``policy.val_metrics``
+    in place.
+
+    An inference-time choice like mask feedback: the agent is not retrained; the clicks come after its episode."""
+    flt = InstanceFilter.from_dict(policy.instance_filter) if policy.instance_filter else None
+    scores: dict[str, dict[str, float]] = {}
+    current = policy.config.refine_clicks
+    for clicks in sorted(set(REFINE_CANDIDATES) | {current}):
+        if clicks == current:
+            scores[str(clicks)] = dict(policy.val_metrics)
+            continue
+        metrics = evaluate_policy(sam, enc, srm_in, policy.agent, policy.srm, held_out,
+                                  replace(policy.config, refine_clicks=clicks), instances=policy.instances,
+                                  boxes=policy.instance_boxes, images=images, instance_filter=flt)
+        metrics["on"] = on  # type: ignore[assignment]
+        scores[str(clicks)] = metrics
+    kept = kept_refine(scores)
+    if kept != current:
+        policy.config = replace(policy.config, refine_clicks=kept)
+        policy.val_metrics = dict(scores[str(kept)])
+    return scores
+
+
+def kept_refine(scores: dict[str, dict[str, float]]) -> int:
+    """The click count training keeps from validation ``scores`` (:func:`_refine_choice`): the smallest, unless a
+    larger one scores ``INSTANCE_MARGIN`` above the best kept so far (ascending)."""
+    ordered = sorted(scores, key=int)
+    best = ordered[0]
+    for clicks in ordered[1:]:
+        if scores[clicks]["miou"] >= scores[best]["miou"] + INSTANCE_MARGIN:
+            best = clicks
+    return int(best)
 
 
 def _instance_modes(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgent, srm: SRM,

@@ -3,7 +3,8 @@
     python -m benchmarks.bench_inference --threads 1                                   # small preset, 32 images
     python -m benchmarks.bench_inference --preset vit_b --images 2 --repeat 1 --train-scenes 2 --threads 1  # random vit_b
 
-For each preset and setting (the paper's one mask on the 10 x 10 grid; per-instance prompts; a 16 x 16 grid), a
+For each preset and setting (the paper's one mask on the 10 x 10 grid; per-instance prompts; a 16 x 16 grid; 6 SRM
+corrective clicks after the episode, the most training picks, alone and per instance), a
 policy is trained briefly (E=1; the weights do not change the work inference does) on other scenes, then
 ``AlignSAM.predict`` runs on ``--images`` fresh scenes of the multi-instance family (the embedding cache is emptied before every
 repeat, so every repeat encodes). SAM's own work inside that call is timed where it happens: the image encoder
@@ -36,7 +37,9 @@ from benchmarks.common import RESULTS, sync, write_results
 
 TARGET = 1.15
 FAMILY = "instances"  # 3-6 target objects per scene: the per-instance split has real work to do
-SETTINGS = {"one mask": ((10, 10), False), "per instance": ((10, 10), True), "16x16 grid": ((16, 16), False)}
+SETTINGS = {"one mask": ((10, 10), False, 0), "per instance": ((10, 10), True, 0), "16x16 grid": ((16, 16), False, 0),
+            "6 SRM clicks": ((10, 10), False, 6), "per instance + 6 SRM clicks": ((10, 10), True, 6)}
+"""setting -> (action grid, per-instance prompts, SRM corrective clicks after the episode)."""
 SAM_PARTS = ("embed_many", "decode", "postprocess")
 
 
@@ -92,11 +95,11 @@ def run(preset: str, device: str, n_images: int, repeat: int, n_train: int) -> d
     images = [s.image for s in make_split(FAMILY, "test", n_images)]
     out: dict[str, dict[str, float]] = {}
     policies: dict[tuple[int, int], Bundle] = {}
-    for name, (grid, instances) in SETTINGS.items():
+    for name, (grid, instances, refine) in SETTINGS.items():
         if grid not in policies:
             policies[grid] = policy(sam, grid, n_train)
         model = AlignSAM(sam, policies[grid])
-        model.predict(images[:1], instances=instances)  # warm-up (allocations, first-call paths)
+        model.predict(images[:1], instances=instances, refine=refine)  # warm-up (allocations, first-call paths)
         clock = SamClock(sam)
         walls, floors = [], []
         try:
@@ -105,7 +108,7 @@ def run(preset: str, device: str, n_images: int, repeat: int, n_train: int) -> d
                 clock.reset()
                 sync(sam.device)
                 t0 = time.perf_counter()
-                model.predict(images, instances=instances)
+                model.predict(images, instances=instances, refine=refine)
                 sync(sam.device)
                 walls.append(time.perf_counter() - t0)
                 floors.append(clock.seconds)

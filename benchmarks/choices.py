@@ -8,7 +8,9 @@ mask feedback; ``choices_<variant>_<task>.json`` the others (``--grid 16 16``, `
 Per task, the table lists each variant's validation mIoU in each instance mode and its test mIoU, then the choice
 validation makes among all of them, as :func:`alignsam.train.train` makes it for a label (a variant's score is its
 kept mode's: per instance only when it clears ``INSTANCE_MARGIN`` over one mask), and that choice's test mIoU
-against the oracle clicker's.
+against the oracle clicker's. Where the picked variant has a ``--refine`` run (``REFINED``), the SRM corrective
+clicks chosen on top of it come next (one row: validation and test mIoU per click count, in the kept mode), and the
+chosen test mIoU is the one with the kept count.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ VARIANTS = {  # variant -> results-file stem patterns, the first that exists ({t
     "10x10 + mask feedback": ("choices_maskinput_{task}",),
     "10x10 (boxes measured)": ("choices_box_{task}",),
 }
+REFINED = {"10x10": "choices_refine_{task}", "16x16": "choices_grid16_refine_{task}"}
+"""The ``--refine`` run of a variant, where there is one: the SRM corrective clicks training chooses after the grid and
+the mode (:func:`alignsam.train._refine_choice`), so only the picked variant needs it."""
 MODES = {"off": "AlignSAM", "instances": "AlignSAM + instances", "box": "AlignSAM + instances + box",
          "filter": "AlignSAM + instances + filter"}
 
@@ -81,8 +86,14 @@ def collect(tasks: list[str], results_dir: Path) -> dict[str, Any]:
         best_test = max((t, v, m) for v, r in runs.items() for m, t in r["test"].items() if t is not None)
         chosen = runs[pick]
         test_miou = chosen["test"][chosen["kept_mode"]]
+        refine = None
+        if pick in REFINED and (r := _load((REFINED[pick],), task, results_dir)) is not None and r.get("refine"):
+            kept = str(r["refine"]["kept"])
+            refine = {**r["refine"], "test_miou": r["refine"]["test"][kept], "goals": r["goals"], "met": r["met"],
+                      "before": test_miou}
+            test_miou = refine["test_miou"]
         out["tasks"][task] = {"variants": runs, "chosen": pick, "chosen_mode": chosen["kept_mode"],
-                              "chosen_test_miou": test_miou, "oracle": chosen["oracle"],
+                              "chosen_test_miou": test_miou, "oracle": chosen["oracle"], "refine": refine,
                               "over_oracle": test_miou / chosen["oracle"],
                               "paper_default_test_miou": runs["10x10"]["test"]["off"] if "10x10" in runs else None,
                               "best_on_test": {"miou": best_test[0], "variant": best_test[1], "mode": best_test[2]}}
@@ -107,7 +118,13 @@ def main() -> None:
             rows.append((task, variant, f(val["off"]), f(val["instances"]), f(val.get("box")), f(val.get("filter")),
                          v["kept_mode"], f(test.get("off")), f(test.get("instances")), f(test.get("box")),
                          f(test.get("filter")), ""))
-        rows.append((task, f"**validation picks {r['chosen']}, {r['chosen_mode']}**", "", "", "", "", "",
+        if (ref := r["refine"]) is not None:
+            counts = sorted(ref["val"], key=int)
+            rows.append((task, f"{r['chosen']}, {r['chosen_mode']}, SRM clicks {' / '.join(counts)}",
+                         " / ".join(f(ref["val"][c]) for c in counts), "", "", "", f"{ref['kept']} clicks",
+                         " / ".join(f(ref["test"][c]) for c in counts), "", "", "", ""))
+        rows.append((task, f"**validation picks {r['chosen']}, {r['chosen_mode']}"
+                     + (f", {r['refine']['kept']} SRM clicks" if r["refine"] else "") + "**", "", "", "", "", "",
                      "", "", "", "", f"test {r['chosen_test_miou']:.3f} (paper's default {f(r['paper_default_test_miou'])}"
                      f"); oracle {r['oracle']:.3f}, ratio {r['over_oracle']:.3f}; best on test "
                      f"{r['best_on_test']['miou']:.3f} ({r['best_on_test']['variant']}, {r['best_on_test']['mode']})"))

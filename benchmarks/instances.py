@@ -14,7 +14,10 @@ and cached), evaluated on the test split:
   instance grouped by its points' own masks (no SRM map), the row its per-instance goal is measured against;
 - the oracle clicker (same T), the upper bound the issue's "0.90 of the oracle" goal is measured against;
 - the choice validation makes (per-instance prompts only if they score ``INSTANCE_MARGIN`` higher on 30 held-out
-  scenes: train-split seeds 50-79), as :func:`alignsam.train.train` makes it for a project's label.
+  scenes: train-split seeds 50-79), as :func:`alignsam.train.train` makes it for a project's label;
+- with ``--refine``: then, in the kept mode, each count of SRM corrective clicks (:mod:`alignsam.refine`) on the
+  validation and test scenes, the count validation keeps (:func:`alignsam.train.kept_refine`), and every row above
+  measured with it (the w/o-SRM rows and the oracle have no SRM to ask, so they are unchanged).
 
 Then the issue's goals per task for the chosen mode: FR over random actions >= 10 points, mIoU over w/o RL >= 5
 points, mIoU over w/o SRM >= 5 points, AlignSAM >= 0.90 of the oracle's mIoU.
@@ -40,10 +43,11 @@ from alignsam.loading import load_sam, resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
+from alignsam.refine import REFINE_CANDIDATES
 from alignsam.rollout import encode
 from alignsam.synthetic.baselines import oracle_predict
 from alignsam.synthetic.quality import DEFAULT_TASKS, task_samples
-from alignsam.train import INSTANCE_MARGIN, kept_instance_mode, train
+from alignsam.train import INSTANCE_MARGIN, kept_instance_mode, kept_refine, train
 from benchmarks.common import RESULTS, write_results
 
 TASKS = (*DEFAULT_TASKS, "instances")
@@ -56,7 +60,8 @@ def _same_training(meta: dict[str, Any], cfg: TrainConfig, task: str, n_train: i
     have = dict(meta.get("config") or {})
     want = json.loads(json.dumps(cfg.to_dict()))
     for d in (have, want):
-        for key in ("instances", "instance_boxes", "instance_filter", "grids", "mask_feedback"):
+        for key in ("instances", "instance_boxes", "instance_filter", "grids", "mask_feedback", "refine",
+                    "refine_clicks"):
             d.pop(key, None)
     return meta.get("task", task) == task and meta.get("train_samples") in (n_train, round(n_train * 0.8)) \
         and have == want and meta.get("sam_model_id", sam_id) == sam_id
@@ -160,6 +165,19 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
              **({f"{'box' if box_wins else 'points'}+filter": {"miou": val_filter}} if val_filter is not None else {})}
     kept = kept_instance_mode(modes, val_off, dataclasses.replace(cfg, instances="auto"))
     chosen, filtered = kept is not None, kept is not None and kept.endswith("+filter")
+    refine = None
+    if args.refine:
+        # As alignsam.train._refine_choice chooses, on the kept mode: each count of SRM corrective clicks validated,
+        # kept by kept_refine; the table's rows then use it (w/o SRM and the oracle have no SRM to ask).
+        refine = {"val": {}, "test": {}}
+        for clicks in REFINE_CANDIDATES:
+            for split, samples in (("val", val), ("test", test)):
+                preds = model.predict([s.image for s in samples], instances=chosen, boxes=box_wins,
+                                      instance_filter=filtered, refine=clicks)
+                refine[split][str(clicks)] = metrics.miou([p.probs for p in preds], [s.mask for s in samples])
+        refine["kept"] = kept_refine({c: {"miou": m} for c, m in refine["val"].items()})
+        model.bundle.config = dataclasses.replace(model.bundle.config, refine_clicks=refine["kept"])
+        print(f"[{task}] SRM clicks val {refine['val']} test {refine['test']} -> {refine['kept']}", flush=True)
     rows = table(model, test, args.seed, args.rows, args.boxes,
                  filter_boxes=box_wins if model.instance_filter is not None else None)
     enc = encode(sam, [s.image for s in test], masks=[s.mask for s in test])
@@ -187,7 +205,7 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
            "val": {"off": val_off, "instances": val_on, "box": val_box, "filter": val_filter, "n": len(val),
                    "chosen": ("instances + box" if box_wins else "instances") + (" + filter" if filtered else "")
                    if chosen else "off"},
-           "rows": rows, "oracle_miou": oracle, "goals": goals, "met": met, "eval_s": time.perf_counter() - t0}
+           "rows": rows, "oracle_miou": oracle, "refine": refine, "goals": goals, "met": met, "eval_s": time.perf_counter() - t0}
     print(f"[{task}] val off {val_off:.3f} / instances {val_on:.3f} -> {out['val']['chosen']}; test AlignSAM "
           f"{rows['AlignSAM']['miou']:.3f} / + instances {rows['AlignSAM + instances']['miou']:.3f}; oracle "
           f"{oracle:.3f}; goals {met}", flush=True)
@@ -217,6 +235,8 @@ def main() -> None:
                     help="the action grid (the paper: 10 10)")
     ap.add_argument("--mask-input", action="store_true", help="feed the previous low-res logits back to SAM")
     ap.add_argument("--boxes", action="store_true", help="also per instance with each instance's box")
+    ap.add_argument("--refine", action="store_true",
+                    help="choose the count of SRM corrective clicks on validation (alignsam.refine) for the rows")
     ap.add_argument("--sam-checkpoint", default=None, help="small SAM weights (default: the bundled checkpoint)")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
                     help="table rows to evaluate (default: all; the goals need all three)")

@@ -141,14 +141,12 @@ def _sidecar_metrics(settings: Settings, project_id: int, version: str | None) -
 
 
 def _instances(settings: Settings, project_id: int, version: str | None) -> str | None:
-    """``"per instance · val mIoU per instance 0.856, one mask 0.594 · mask feedback off (on 0.850)"``: the
-    training's instance choice with its scores (per-instance prompts with points alone and with boxes, when both
-    were validated), then its mask-feedback choice when it made one."""
+    """``"per instance · val mIoU per instance 0.856, one mask 0.594 · mask feedback off (on 0.850) · 3 SRM clicks
+    (0: 0.620, 6: 0.641)"``: the training's instance choice with its scores (per-instance prompts with points alone
+    and with boxes, when both were validated), then its mask-feedback and SRM-click choices when it made them."""
     meta = _sidecar(settings, project_id, version)
-    text, feedback = _instance_choice(meta), _mask_feedback(meta)
-    if text is None or feedback is None:
-        return text or feedback
-    return f"{text} · {feedback}"
+    parts = [p for p in (_instance_choice(meta), _mask_feedback(meta), _refine(meta)) if p is not None]
+    return " · ".join(parts) if parts else None
 
 
 def _mask_feedback(meta: Mapping[str, Any]) -> str | None:
@@ -162,6 +160,24 @@ def _mask_feedback(meta: Mapping[str, Any]) -> str | None:
     other = "off" if kept == "on" else "on"
     miou = _float(scores[other].get("miou")) if isinstance(scores.get(other), Mapping) else None
     return f"mask feedback {kept}" + (f" ({other} {miou:.3f})" if miou is not None else "")
+
+
+def _refine(meta: Mapping[str, Any]) -> str | None:
+    """``"3 SRM clicks (0: 0.620, 6: 0.641)"``: how many SRM corrective clicks the policy adds after its episode
+    (alignsam.refine), and the other counts' validation mIoU; None for bundles that did not validate them."""
+    scores = meta.get("refine")
+    if not isinstance(scores, Mapping):
+        return None
+    config = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+    kept = config.get("refine_clicks", 0)
+    kept = kept if isinstance(kept, int) and not isinstance(kept, bool) else 0
+    others = []
+    for clicks, metrics in sorted(scores.items(), key=lambda kv: str(kv[0]).zfill(4)):
+        miou = _float(metrics.get("miou")) if isinstance(metrics, Mapping) else None
+        if str(clicks) != str(kept) and miou is not None:
+            others.append(f"{clicks}: {miou:.3f}")
+    noun = "SRM click" if kept == 1 else "SRM clicks"
+    return f"{kept} {noun}" + (f" ({', '.join(others)})" if others else "")
 
 
 def _instance_choice(meta: Mapping[str, Any]) -> str | None:

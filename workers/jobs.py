@@ -224,7 +224,7 @@ def train_config(settings: Settings) -> TrainConfig:
     # Per-instance prompts and the action grid are chosen per label by validation, like the SRM branch.
     grid, *more = settings.train_grid_list
     return TrainConfig(ppo=ppo, branch=settings.train_branch, val_fraction=settings.train_val_fraction,  # type: ignore[arg-type]
-                       instances="auto", mask_feedback="auto", grid=grid, grids=tuple(more))
+                       instances="auto", mask_feedback="auto", refine="auto", grid=grid, grids=tuple(more))
 
 
 def _training_set_fingerprint(tasks: list[dict[str, Any]], config: LabelConfig, cfg: TrainConfig) -> str:
@@ -374,7 +374,7 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
     interactive = _choose_interactive(run, target, result, held_out)
     choices = {"candidates": result.candidates, "chosen_candidate": result.chosen or policy.branch,
                "instance_metrics": result.instance_metrics, "instance_candidates": result.instance_candidates,
-               "mask_feedback": result.mask_feedback}
+               "mask_feedback": result.mask_feedback, "refine": result.refine}
     bundle = _write_bundle(settings, run.project_id, target.label, target.prompt, policy, run.m, run.job_id,
                            extra=jsonable({**interactive, **choices}))
     version = bundle.stem
@@ -389,7 +389,8 @@ def _train_label(run: _TrainingRun, target: Target, data: _TrainingImages, cfg: 
              "active_version": old, "active_val_miou": old_miou, "candidates": result.candidates,
              "chosen_candidate": choices["chosen_candidate"], "grid": list(policy.config.grid),
              "instances": policy.instances, "instance_boxes": policy.instance_boxes,
-             "instance_filter": policy.instance_filter is not None, "instance_metrics": result.instance_metrics, "mask_input": policy.config.use_mask_input, **interactive}
+             "instance_filter": policy.instance_filter is not None, "instance_metrics": result.instance_metrics, "mask_input": policy.config.use_mask_input,
+             "refine_clicks": policy.config.refine_clicks, **interactive}
     if old is None or old_miou is None or new_miou >= old_miou:
         run.store.set_policy_version(run.project_id, target.label, version)
         entry["status"] = "activated"

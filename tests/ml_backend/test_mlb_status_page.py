@@ -158,7 +158,9 @@ def test_a_trained_project_shows_the_active_and_previous_policy_scores(queue_app
                                 "implicit": {"points": {"miou": 0.4}, "box": {"miou": 0.3}}},
         "candidates": {"implicit": {"miou": 0.5}, "explicit": {"miou": 0.45}, "implicit 16x16": {"miou": 0.55}},
         "chosen_candidate": "implicit 16x16",
-        "mask_feedback": {"off": {"miou": 0.7}, "on": {"miou": 0.695}}, "config": {"use_mask_input": False},
+        "mask_feedback": {"off": {"miou": 0.7}, "on": {"miou": 0.695}},
+        "refine": {"0": {"miou": 0.66}, "3": {"miou": 0.7}, "6": {"miou": 0.705}},
+        "config": {"use_mask_input": False, "refine_clicks": 3},
         "interactive_strategy": "mask-input",
         "interactive_scores": {"clicks": {"noc@90": 3.25}, "mask-input": {"noc@90": 1.5}}})
     job = trigger(queue_app)
@@ -180,7 +182,7 @@ def test_a_trained_project_shows_the_active_and_previous_policy_scores(queue_app
                                            "implicit 0.500 · explicit 0.450 · implicit 16x16 0.550 (kept)",
                                            "per instance with boxes, filtered · val mIoU per instance (points "
                                            "0.650 / box 0.700 / box+filter 0.720), one mask 0.550 · mask feedback "
-                                           "off (on 0.695)",
+                                           "off (on 0.695) · 3 SRM clicks (0: 0.660, 6: 0.705)",
                                            "mask-input · NoC@90 1.5 (pre-label, then SAM on the clicks alone: 3.2)"]
     assert label_row(section, "Shadow") == ["Shadow", "none yet", "–", "–", "–", "–", "–", "not enough examples",
                                             "–", "–", "–"]
