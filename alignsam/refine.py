@@ -15,23 +15,17 @@ unlike the SRM's map, the SRM standing in for the annotator:
    negative on a false positive, and SAM decodes the grown prompt set. All of it is batched tensor work.
 
 How many such clicks a label gets (0 = the paper) is chosen by validation at training
-(``TrainConfig.refine`` / :func:`alignsam.train._refine_choice`); each costs one SRM forward and one batched decode.
+(``TrainConfig.refine`` / :func:`alignsam.train._refine_choice`); :func:`alignsam.rollout.srm_corrective_clicks`
+adds them after the episode, each for one SRM forward and one batched decode.
 The w/o-SRM ablation has no SRM to ask, so it never gets them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-from alignsam.env import PromptEnv
 from alignsam.sam import FrozenSam
-from alignsam.srm import SRM
-
-if TYPE_CHECKING:
-    from alignsam.rollout import SrmInputs
 
 FRAME_SCALE = 2
 """The frame the errors are found on: the embedding grid (where the SRM's map lives) times this; SAM's low-res
@@ -126,22 +120,3 @@ def inside_frame(sam: FrozenSam, sizes: list[tuple[int, int]], frame: int, devic
         in_h, in_w = sam.input_size(size)
         out.append((centres[:, None] < in_h) & (centres[None, :] < in_w))
     return torch.stack(out)
-
-
-@torch.no_grad()
-def srm_corrective_clicks(sam: FrozenSam, env: PromptEnv, srm_in: SrmInputs, srm: SRM, clicks: int) -> None:
-    """Adds ``clicks`` SRM corrective clicks to every episode of ``env`` (after its T steps), one batched decode
-    each; an image whose mask already agrees with the map gets a no-op point (label -1)."""
-    if clicks <= 0:
-        return
-    idx = env.image_index
-    sizes = [env.sizes[i] for i in idx.tolist()]
-    frame = sam.embedding_size * FRAME_SCALE
-    inside = inside_frame(sam, sizes, frame, env.device)
-    for _ in range(clicks):
-        assert env.low_res is not None
-        srm_map = srm_map_on(srm_in.forward(srm, idx, env.prev_mask).logits, (frame, frame))
-        mask = F.adaptive_avg_pool2d(torch.sigmoid(env.low_res.float()), frame)[:, 0] - 0.5  # > 0: foreground
-        cells, labels = corrective_cells(mask, srm_map, inside)
-        points = sam.grid_to_points(cells[:, None], sizes, frame)[:, 0]
-        env.add_points(points, labels)

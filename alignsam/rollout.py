@@ -16,11 +16,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from alignsam.agent import PromptAgent
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.env import PromptEnv
-from alignsam.refine import srm_corrective_clicks
+from alignsam.refine import FRAME_SCALE, corrective_cells, inside_frame, srm_map_on
 from alignsam.sam import FrozenSam, Size
 from alignsam.srm import SRM, SRMOutput
 
@@ -166,6 +167,25 @@ def random_actions(history: torch.Tensor, generator: torch.Generator | None) -> 
     """A uniformly random not-yet-chosen action per row of ``history [B, A]`` (the w/o-RL ablation)."""
     weights = (history < 0.5).float().cpu()
     return torch.multinomial(weights, 1, generator=generator)[:, 0].to(history.device)
+
+
+@torch.no_grad()
+def srm_corrective_clicks(sam: FrozenSam, env: PromptEnv, srm_in: SrmInputs, srm: SRM, clicks: int) -> None:
+    """Adds ``clicks`` SRM corrective clicks (:mod:`alignsam.refine`) to every episode of ``env`` after its T steps,
+    one batched decode each; an image whose mask already agrees with the map gets a no-op point (label -1)."""
+    if clicks <= 0:
+        return
+    idx = env.image_index
+    sizes = [env.sizes[i] for i in idx.tolist()]
+    frame = sam.embedding_size * FRAME_SCALE
+    inside = inside_frame(sam, sizes, frame, env.device)
+    for _ in range(clicks):
+        assert env.low_res is not None
+        srm_map = srm_map_on(srm_in.forward(srm, idx, env.prev_mask).logits, (frame, frame))
+        mask = F.adaptive_avg_pool2d(torch.sigmoid(env.low_res.float()), frame)[:, 0] - 0.5  # > 0: foreground
+        cells, labels = corrective_cells(mask, srm_map, inside)
+        points = sam.grid_to_points(cells[:, None], sizes, frame)[:, 0]
+        env.add_points(points, labels)
 
 
 @torch.no_grad()
