@@ -41,8 +41,9 @@ def points_foreground_rate(points: Sequence[tuple[float, float, int]], gt: np.nd
 
 
 def foreground_rate(pred: Prediction, gt: np.ndarray, initial: int = 2) -> float | None:
-    """Share of the agent's points (after the ``initial`` SRM points) that land on the ground truth."""
-    return points_foreground_rate(pred.points[initial:], gt)
+    """Share of the agent's points (after the ``initial`` SRM points, before any SRM corrective clicks) that land
+    on the ground truth."""
+    return points_foreground_rate(pred.points[initial:len(pred.points) - pred.corrective], gt)
 
 
 def evaluate(

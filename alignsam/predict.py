@@ -43,6 +43,8 @@ class Prediction:
       instances: one ``HxW`` bool mask per instance (:mod:`alignsam.instances`); ``[mask]`` when not split.
       instance_points: each instance's prompt points when split (what a ``per-instance`` correction re-prompts
         with, :mod:`alignsam.interactive`); empty when not split.
+      corrective: how many of the last ``points`` are SRM corrective clicks (:mod:`alignsam.refine`), not the
+        agent's (the FR counts the agent's only).
     """
 
     mask: np.ndarray
@@ -53,6 +55,7 @@ class Prediction:
     low_res: np.ndarray | None = None
     instances: list[np.ndarray] = field(default_factory=list)
     instance_points: list[list[tuple[float, float, int]]] = field(default_factory=list)
+    corrective: int = 0
 
 
 class AlignSAM:
@@ -157,6 +160,8 @@ class AlignSAM:
                 for (x, y), lab in zip(res.points[i].tolist(), res.labels[i].tolist(), strict=True)
                 if lab >= 0
             ] for i in range(len(chunk))]
+            corrective = (res.labels[:, res.labels.shape[1] - refine:] >= 0).sum(1).tolist() if refine else \
+                [0] * len(chunk)
             parts = None
             present = [float(v) >= 0.5 for v in res.present]
             if split and grouping == "points":
@@ -176,5 +181,5 @@ class AlignSAM:
                 if parts is not None and parts[i].split:
                     probs, shown, low, groups = parts[i].probs, parts[i].masks, None, parts[i].points
                 out.append(Prediction(probs > 0.5, probs, float(res.score[i]), float(res.present[i]), pts, low,
-                                      shown, [list(g) for g in groups]))
+                                      shown, [list(g) for g in groups], int(corrective[i])))
         return out

@@ -124,8 +124,9 @@ def test_the_click_count_is_validated_kept_in_the_bundle_and_used_at_inference(m
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(sam, "decode", spy)
-    model.predict([samples[0].image])
+    pred = model.predict([samples[0].image])[0]
     assert len(calls) == 1 + 2 + kept  # the initial pair, T=2 steps, then the SRM's clicks
+    assert 0 <= pred.corrective <= kept and len(pred.points) - pred.corrective == 2 + 2  # FR counts the agent's
     calls.clear()
     model.predict([samples[0].image], labels="positive")  # w/o SRM: no map to ask, no clicks
     assert len(calls) == 1 + 2
