@@ -92,6 +92,8 @@ def collect(tasks: list[str], results_dir: Path) -> dict[str, Any]:
             refine = {**r["refine"], "test_miou": r["refine"]["test"][kept], "goals": r["goals"], "met": r["met"],
                       "before": test_miou}
             test_miou = refine["test_miou"]
+            best_test = max([best_test] + [(t, pick, f"{chosen['kept_mode']}, {c} SRM clicks")
+                                           for c, t in r["refine"]["test"].items()])
         out["tasks"][task] = {"variants": runs, "chosen": pick, "chosen_mode": chosen["kept_mode"],
                               "chosen_test_miou": test_miou, "oracle": chosen["oracle"], "refine": refine,
                               "over_oracle": test_miou / chosen["oracle"],
