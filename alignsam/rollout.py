@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alignsam import refine as corrective
 from alignsam.agent import PromptAgent
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.env import PromptEnv
-from alignsam.refine import FRAME_SCALE, corrective_cells, inside_frame, srm_map_on
 from alignsam.sam import FrozenSam, Size
 from alignsam.srm import SRM, SRMOutput
 
@@ -177,13 +177,13 @@ def srm_corrective_clicks(sam: FrozenSam, env: PromptEnv, srm_in: SrmInputs, srm
         return
     idx = env.image_index
     sizes = [env.sizes[i] for i in idx.tolist()]
-    frame = sam.embedding_size * FRAME_SCALE
-    inside = inside_frame(sam, sizes, frame, env.device)
+    frame = sam.embedding_size * corrective.FRAME_SCALE
+    inside = corrective.inside_frame(sam, sizes, frame, env.device)
     for _ in range(clicks):
         assert env.low_res is not None
-        srm_map = srm_map_on(srm_in.forward(srm, idx, env.prev_mask).logits, (frame, frame))
+        srm_map = corrective.srm_map_on(srm_in.forward(srm, idx, env.prev_mask).logits, (frame, frame))
         mask = F.adaptive_avg_pool2d(torch.sigmoid(env.low_res.float()), frame)[:, 0] - 0.5  # > 0: foreground
-        cells, labels = corrective_cells(mask, srm_map, inside)
+        cells, labels = corrective.corrective_cells(mask, srm_map, inside)
         points = sam.grid_to_points(cells[:, None], sizes, frame)[:, 0]
         env.add_points(points, labels)
 
