@@ -99,9 +99,8 @@ def corrective_cells(mask_logits: torch.Tensor, srm_logits: torch.Tensor,
     missed, extra = both[:b], both[b:]
     take_missed = missed.flatten(1).sum(1) >= extra.flatten(1).sum(1)
     region = torch.where(take_missed[:, None, None], missed, extra)
-    cells, found = interior_cells(region)
-    labels = torch.where(found, take_missed.long(), torch.full_like(take_missed, -1, dtype=torch.long))
-    return torch.where(found[:, None], cells, torch.zeros_like(cells)), labels
+    cells, found = interior_cells(region)  # (0, 0) where nothing is found
+    return cells, torch.where(found, take_missed.long(), torch.full_like(take_missed, -1, dtype=torch.long))
 
 
 def srm_map_on(srm_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
