@@ -10,10 +10,13 @@ every part scales linearly in N x E (encoding in N), so the script extrapolates,
     python -m benchmarks.bench_training --preset vit_b --samples 8 --episodes 2
     python -m benchmarks.bench_training --branch explicit --srm-hidden 16 --srm-fuse-kernel 1   # a cheaper SRM
     python -m benchmarks.bench_training --grid 10x10 16x16 --instances off auto   # issue 17's per-label choices
+    python -m benchmarks.bench_training --instances auto --mask-feedback auto --refine off auto   # as the backend
 
 ``--grid``: each grid is timed as its own run (``TrainConfig.grids`` trains every grid in turn, so a choice among
-grids costs the sum of their rows). ``--instances auto``: the run also validates per-instance prompts (counted in
-validation, which is overhead).
+grids costs the sum of their rows). ``--instances auto``: the run also validates per-instance prompts;
+``--mask-feedback auto`` and ``--refine auto`` validate the kept policy with the other mask-feedback setting and with
+each count of SRM corrective clicks (all counted in validation, which is overhead). The backend trains with all
+three on auto (``workers.jobs``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _sam(preset: str, device: str) -> FrozenSam:
 
 def run(
     preset: str, branch: str, samples: int, episodes: int, device: str, clip_preset: str, srm: SRMConfig | None = None,
-    grid: tuple[int, int] = (10, 10), instances: str = "off",
+    grid: tuple[int, int] = (10, 10), instances: str = "off", mask_feedback: str = "off", refine: str = "off",
 ) -> dict[str, float]:
     sam = _sam(preset, device)
     sam._cache.clear()  # every run pays for its own encoding, as a fresh training job would
@@ -59,7 +62,8 @@ def run(
     scenes = make_split("saliency", "train", samples)
     data = [Sample(s.image, s.mask, s.text, f"s{i}") for i, s in enumerate(scenes)]
     cfg = TrainConfig(ppo=PPOConfig(episodes=episodes), branch=branch, srm=srm or SRMConfig(),  # paper's T=15, K=20
-                      grid=grid, instances=instances)  # type: ignore[arg-type]
+                      grid=grid, instances=instances, mask_feedback=mask_feedback,  # type: ignore[arg-type]
+                      refine=refine)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     res = train(sam, data, cfg, clip=clip, timings=Timings())
     wall = time.perf_counter() - t0
@@ -107,6 +111,10 @@ def main() -> None:
     ap.add_argument("--grid", nargs="+", default=["10x10"], metavar="RxC", help="action grids (paper: 10x10)")
     ap.add_argument("--instances", nargs="+", default=["off"], choices=["off", "auto"],
                     help="also validate per-instance prompts (auto), as the backend's training does")
+    ap.add_argument("--mask-feedback", nargs="+", default=["off"], choices=["off", "auto"],
+                    help="also validate the kept policy with the other mask-feedback setting (auto)")
+    ap.add_argument("--refine", nargs="+", default=["off"], choices=["off", "auto"],
+                    help="also validate the kept policy with each count of SRM corrective clicks (auto)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of every setting, in turn (the floor drifts)")
     args = ap.parse_args()
     if args.threads:
@@ -128,14 +136,18 @@ def main() -> None:
     for rep in range(args.repeat):
         for preset in args.preset:
             for branch in args.branch:
-                for (label, srm), grid, instances in itertools.product(variants, grids, args.instances):
+                for (label, srm), grid, instances, feedback, refine in itertools.product(
+                        variants, grids, args.instances, args.mask_feedback, args.refine):
                     r = run(preset, branch, args.samples, args.episodes, args.device, args.clip_preset, srm,
-                            grid, instances)  # type: ignore[arg-type]
+                            grid, instances, feedback, refine)  # type: ignore[arg-type]
                     extra = [f"{grid[0]}x{grid[1]} grid"] if grid != (10, 10) else []
                     extra += ["instances validated"] if instances != "off" else []
+                    extra += ["mask feedback validated"] if feedback != "off" else []
+                    extra += ["SRM clicks validated"] if refine != "off" else []
                     label = ", ".join([*([label] if label else []), *extra])
                     key = "/".join(k for k in (preset, branch, label) if k) + (f"#{rep + 1}" if args.repeat > 1 else "")
-                    results[key] = {**r, "srm": vars(srm), "grid": list(grid), "instances": instances}
+                    results[key] = {**r, "srm": vars(srm), "grid": list(grid), "instances": instances,
+                                    "mask_feedback": feedback, "refine": refine}
                     print(f"[{key}] " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()), flush=True)
                     rows.append((
                         preset, f"{branch} ({label})" if label else branch,
