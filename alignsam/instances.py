@@ -17,6 +17,9 @@ grid, in image pixels. SAM is trained on boxes, so a box tells it the instance's
 whether a label uses it is chosen by validation too (the bundled small SAM answers boxes badly, so on the testbed
 it is rejected; see ``benchmarks/results/choices.md``).
 
+After the split, :func:`refine_instances` can add SRM corrective clicks (:mod:`alignsam.refine`) on the union,
+each given to the instance it corrects; the policy's validated ``refine_clicks`` says how many.
+
 With fewer than two components the policy's own mask is kept. Whether a label uses this is chosen by validation
 at training (:func:`alignsam.train.train` records it as the bundle's ``instances``): on single-region families
 (mirror) it costs mIoU, on multi-object ones it gains it. The agent still matters: its points join each instance's
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from alignsam import refine
 from alignsam.sam import FrozenSam, Size
 
 Point = tuple[float, float, int]
@@ -90,6 +94,7 @@ class InstanceResult:
     points: list[list[Point]]
     split: bool
     part_probs: list[np.ndarray]
+    boxes: list[tuple[float, float, float, float]] | None = None  # each instance's box prompt, where it had one
 
 
 @torch.no_grad()
@@ -147,6 +152,86 @@ def split_instances(
     return [r for r in out if r is not None]
 
 
+@torch.no_grad()
+def refine_instances(
+    sam: FrozenSam,
+    embeddings: torch.Tensor,
+    sizes: Sequence[Size],
+    srm_logits: torch.Tensor,
+    valid: torch.Tensor,
+    results: Sequence[InstanceResult],
+    clicks: int,
+) -> list[InstanceResult]:
+    """SRM corrective clicks (:mod:`alignsam.refine`) on the union of each split image's instances, each click
+    given to the instance it corrects: a positive one (the union misses what the map calls foreground) to the
+    instance of the map's component it falls in (else the instance most probable there), a negative one (the
+    union covers what the map calls background) to every instance whose mask covers it (else the most probable).
+    Each round re-decodes only the instances that got a click, all images in one batched call.
+
+    Why not the episode's clicks (:func:`alignsam.rollout.srm_corrective_clicks`): those correct the single
+    mask, and the split keeps only their positives that fall inside a component and their negatives that fall on
+    none, so a spill of one instance onto its surroundings stays uncorrected.
+
+    Arguments:
+      embeddings, sizes, srm_logits, valid: as for :func:`split_instances` (the SRM's initial map: the one the
+        instances were split by, and the one the union is compared with).
+      results: :func:`split_instances`' results (images not split are returned as they are).
+      clicks: the number of rounds (0: ``results`` unchanged).
+    Returns one :class:`InstanceResult` per image (new objects where clicked).
+    """
+    out = list(results)
+    split = [i for i, r in enumerate(out) if r.split]
+    if clicks <= 0 or not split:
+        return out
+    g = srm_logits.shape[-1]
+    frame = sam.embedding_size * refine.FRAME_SCALE
+    sub_sizes = [sizes[i] for i in split]
+    device = srm_logits.device
+    inside = refine.inside_frame(sam, sub_sizes, frame, device)
+    srm_map = refine.srm_map_on(srm_logits[split][:, None].float(), (frame, frame))
+    components = [grid_components(((srm_logits[i].float() > 0) & valid[i]).cpu().numpy())[0] for i in split]
+    for _ in range(clicks):
+        union = torch.stack([sam.to_embedding_frame(torch.as_tensor(out[i].probs), sizes[i], frame)
+                             for i in split]).to(device) - 0.5
+        cells, labels = refine.corrective_cells(union, srm_map, inside)
+        xy = sam.grid_to_points(cells[:, None], sub_sizes, frame)[:, 0].tolist()
+        jobs: list[tuple[int, list[Point]]] = []
+        targets: list[tuple[int, int]] = []
+        for j, i in enumerate(split):
+            label = int(labels[j])
+            if label < 0:
+                continue
+            x, y = float(xy[j][0]), float(xy[j][1])
+            r = out[i]
+            h, w = r.probs.shape
+            row, col = min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)
+            if label == 1:
+                rc = sam.points_to_grid(torch.tensor([[[x, y]]]), [sizes[i]], g)[0, 0].tolist()
+                k = int(components[j][rc[0], rc[1]])
+                ks = [k - 1] if 0 < k <= len(r.points) else [int(np.argmax([p[row, col] for p in r.part_probs]))]
+            else:  # the union is pooled onto the frame: the click's own pixel may fall just outside every mask
+                ks = [k for k, p in enumerate(r.part_probs) if p[row, col] > 0.5] or \
+                    [int(np.argmax([p[row, col] for p in r.part_probs]))]
+            for k in ks:
+                jobs.append((i, [*r.points[k], (x, y, label)]))
+                targets.append((i, k))
+        if not jobs:
+            break
+        boxes = None
+        if any(out[i].boxes is not None for i, _ in targets):
+            boxes = [out[i].boxes[k] for i, k in targets]  # type: ignore[index]
+        decoded = _decode_jobs(sam, embeddings, sizes, jobs, boxes)
+        changed: dict[int, InstanceResult] = {}
+        for (i, k), (_, prompt), probs in zip(targets, jobs, decoded, strict=True):
+            r = changed.setdefault(i, InstanceResult(out[i].probs, list(out[i].masks), list(out[i].points), True,
+                                                      list(out[i].part_probs), out[i].boxes))
+            r.points[k], r.part_probs[k], r.masks[k] = prompt, probs, probs > 0.5
+        for i, r in changed.items():
+            r.probs = np.max(np.stack(r.part_probs), axis=0)
+            out[i] = r
+    return out
+
+
 def _kept(base_probs: np.ndarray, points: Sequence[Point]) -> InstanceResult:
     """The policy's own mask, not split."""
     base = np.asarray(base_probs, np.float32)
@@ -178,13 +263,14 @@ def _decode_instances(sam: FrozenSam, embeddings: torch.Tensor, sizes: Sequence[
                       boxes: Sequence[tuple[float, float, float, float]] | None,
                       out: list[InstanceResult | None]) -> None:
     """Decode one prompt per instance and fill ``out[i]`` with image i's union and instance masks."""
-    per_image: dict[int, list[tuple[np.ndarray, list[Point]]]] = {}
-    for (i, prompt), probs in zip(jobs, _decode_jobs(sam, embeddings, sizes, jobs, boxes), strict=True):
-        per_image.setdefault(i, []).append((probs, prompt))
+    per_image: dict[int, list[tuple[np.ndarray, list[Point], tuple[float, float, float, float] | None]]] = {}
+    decoded = _decode_jobs(sam, embeddings, sizes, jobs, boxes)
+    for row, ((i, prompt), probs) in enumerate(zip(jobs, decoded, strict=True)):
+        per_image.setdefault(i, []).append((probs, prompt, boxes[row] if boxes is not None else None))
     for i, parts in per_image.items():
-        probs = [p for p, _ in parts]
-        out[i] = InstanceResult(np.max(np.stack(probs), axis=0), [p > 0.5 for p in probs], [q for _, q in parts], True,
-                                probs)
+        probs = [p for p, _, _ in parts]
+        out[i] = InstanceResult(np.max(np.stack(probs), axis=0), [p > 0.5 for p in probs], [q for _, q, _ in parts],
+                                True, probs, [b for _, _, b in parts] if boxes is not None else None)  # type: ignore[misc]
 
 
 def _root(parent: list[int], k: int) -> int:
@@ -446,4 +532,5 @@ def filter_instances(result: InstanceResult, image: np.ndarray, flt: InstanceFil
     keep = [k for k, s in enumerate(scores) if s >= 0] or [int(np.argmax(scores))]
     probs = [result.part_probs[k] for k in keep]
     return InstanceResult(np.max(np.stack(probs), axis=0), [result.masks[k] for k in keep],
-                          [result.points[k] for k in keep], True, probs)
+                          [result.points[k] for k in keep], True, probs,
+                          [result.boxes[k] for k in keep] if result.boxes is not None else None)

@@ -22,7 +22,13 @@ from alignsam.bundle import Bundle, load_bundle
 from alignsam.clip_surgery import ClipSurgery
 from alignsam.env import PromptEnv
 from alignsam.errors import BundleError
-from alignsam.instances import InstanceFilter, filter_instances, group_by_point_masks, split_instances
+from alignsam.instances import (
+    InstanceFilter,
+    filter_instances,
+    group_by_point_masks,
+    refine_instances,
+    split_instances,
+)
 from alignsam.rollout import ActionSource, LabelSource, SrmInputs, add_clip_maps, encode, rollout
 from alignsam.sam import FrozenSam
 
@@ -111,6 +117,7 @@ class AlignSAM:
         grouping: Literal["srm", "points"] = "srm",
         instance_filter: bool | None = None,
         refine: int | None = None,
+        instance_refine: int | None = None,
     ) -> list[Prediction]:
         """Segments the bundle's target (or ``text``) in each image.
 
@@ -125,11 +132,13 @@ class AlignSAM:
         the label's filter rejects (:func:`alignsam.instances.filter_instances`); None: when the bundle has one.
         ``refine``: SRM corrective clicks after the episode (:mod:`alignsam.refine`); None: the bundle's
         ``config.refine_clicks`` when the SRM labels the points (``labels="srm"``), else none (the ablations and
-        ground-truth labellings have no SRM to ask).
+        ground-truth labellings have no SRM to ask). ``instance_refine``: with per-instance prompts, that many more
+        on the union of each split image's instances, each given to the instance it corrects
+        (:func:`alignsam.instances.refine_instances`); None: as many as ``refine`` (what training validated).
 
         Raises:
           ValueError: ``instance_filter=True`` for a bundle without a filter.
-          ValueError: ``refine`` > 0 with ``labels`` other than "srm".
+          ValueError: ``refine`` or ``instance_refine`` > 0 with ``labels`` other than "srm".
         """
         if instance_filter and self.instance_filter is None:
             raise ValueError("this policy has no instance filter (its training did not keep one)")
@@ -141,6 +150,9 @@ class AlignSAM:
         steps = cfg.ppo.steps if steps is None else steps
         if refine is None:
             refine = cfg.refine_clicks if labels == "srm" else 0
+        instance_refine = refine if instance_refine is None else instance_refine
+        if instance_refine > 0 and labels != "srm":
+            raise ValueError(f"SRM corrective clicks need SRM labels, not {labels!r}")
         out: list[Prediction] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
@@ -167,9 +179,11 @@ class AlignSAM:
             if split and grouping == "points":
                 parts = group_by_point_masks(self.sam, enc.embeddings, enc.sizes, all_points, all_probs, present)
             elif split:
-                parts = split_instances(self.sam, enc.embeddings, enc.sizes, srm_in.forward(self.srm, idx, None)
-                                        .logits[:, 0], srm_in.valid[idx, 0], all_points, all_probs, present,
-                                        boxes=boxed)
+                initial = srm_in.forward(self.srm, idx, None).logits[:, 0]
+                parts = split_instances(self.sam, enc.embeddings, enc.sizes, initial, srm_in.valid[idx, 0],
+                                        all_points, all_probs, present, boxes=boxed)
+                parts = refine_instances(self.sam, enc.embeddings, enc.sizes, initial, srm_in.valid[idx, 0], parts,
+                                         instance_refine)
             if parts is not None and flt is not None:
                 parts = [filter_instances(part, image, flt) for part, image in zip(parts, chunk, strict=True)]
             for i in range(len(chunk)):

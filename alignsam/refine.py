@@ -16,7 +16,9 @@ unlike the SRM's map, the SRM standing in for the annotator:
 
 How many such clicks a label gets (0 = the paper) is chosen by validation at training
 (``TrainConfig.refine`` / :func:`alignsam.train._refine_choice`); :func:`alignsam.rollout.srm_corrective_clicks`
-adds them after the episode, each for one SRM forward and one batched decode.
+adds them after the episode, each for one SRM forward and one batched decode. With per-instance prompts the same
+count follows on the union of the instances (:func:`alignsam.instances.refine_instances`, each click given to the
+instance it corrects), since the split keeps only some of the episode's clicks.
 The w/o-SRM ablation has no SRM to ask, so it never gets them.
 """
 

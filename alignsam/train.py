@@ -34,6 +34,7 @@ from alignsam.instances import (
     InstanceFilter,
     filter_instances,
     fit_filter_on,
+    refine_instances,
     split_instances,
 )
 from alignsam.metrics import iou as mask_iou
@@ -220,9 +221,11 @@ def _rollouts(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgen
                        if lab >= 0] for r in range(len(chunk))]
             with torch.no_grad():
                 srm_logits = srm_in.forward(srm, chunk, None).logits[:, 0]
-            parts = split_instances(sam, enc.embeddings[chunk], [enc.sizes[i] for i in chunk.tolist()], srm_logits,
-                                    srm_in.valid[chunk, 0], points, probs, [float(v) >= 0.5 for v in res.present],
-                                    boxes=boxes)
+            sizes = [enc.sizes[i] for i in chunk.tolist()]
+            parts = split_instances(sam, enc.embeddings[chunk], sizes, srm_logits, srm_in.valid[chunk, 0], points,
+                                    probs, [float(v) >= 0.5 for v in res.present], boxes=boxes)
+            parts = refine_instances(sam, enc.embeddings[chunk], sizes, srm_logits, srm_in.valid[chunk, 0], parts,
+                                     cfg.refine_clicks)
         fr = res.foreground_rate.tolist() if res.foreground_rate is not None else []
         yield chunk.tolist(), probs, parts, fr
 

@@ -22,6 +22,7 @@ from alignsam.instances import (
     group_by_point_masks,
     instance_examples,
     instance_features,
+    refine_instances,
     split_instances,
 )
 from alignsam.loading import load_sam
@@ -142,6 +143,39 @@ def test_instance_boxes_reach_sam_and_keep_one_mask_per_instance(small: FrozenSa
     for a, b in zip(plain, boxed, strict=True):
         assert a.split and b.split and len(a.masks) == len(b.masks) == len(b.points)
         assert not np.allclose(a.probs, b.probs)  # the box changed SAM's answer
+
+
+def test_corrective_clicks_per_instance_go_to_the_instance_they_correct(small: FrozenSam) -> None:
+    """With a perfect SRM (the ground truth on the embedding grid), each round's click lands in one instance's prompt
+    (a positive one in the instance of its component, a negative one in each instance covering it), only clicked
+    instances change, the union is rebuilt from them, and three rounds bring the union closer to the target."""
+    scenes = make_split("instances", "test", 4)
+    enc = encode(small, [s.image for s in scenes], masks=[s.mask for s in scenes])
+    srm_in = SrmInputs(small, enc)
+    assert srm_in.gt is not None
+    logits = (srm_in.gt[:, 0] > 0.5).float() * 10 - 5
+    base = [np.zeros(s.mask.shape, np.float32) for s in scenes]
+    parts = split_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], [[] for _ in scenes], base)
+    assert refine_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], parts, 0) == parts
+    one = refine_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], parts, 1)
+    for before, after in zip(parts, one, strict=True):
+        assert after.split and len(after.points) == len(before.points)
+        grown = [k for k in range(len(after.points)) if len(after.points[k]) == len(before.points[k]) + 1]
+        same = [k for k in range(len(after.points)) if after.points[k] == before.points[k]]
+        assert len(grown) + len(same) == len(after.points) and grown
+        labels = {after.points[k][-1][2] for k in grown}
+        assert len(labels) == 1 and (labels == {0} or len(grown) == 1)  # one positive instance, or every coverer
+        for k in same:
+            assert np.array_equal(after.part_probs[k], before.part_probs[k])
+        assert np.array_equal(after.probs, np.max(np.stack(after.part_probs), axis=0))
+        assert all(np.array_equal(m, p > 0.5) for m, p in zip(after.masks, after.part_probs, strict=True))
+    three = refine_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], parts, 3)
+    iou_before = np.mean([iou(p.probs > 0.5, s.mask) for p, s in zip(parts, scenes, strict=True)])
+    iou_after = np.mean([iou(p.probs > 0.5, s.mask) for p, s in zip(three, scenes, strict=True)])
+    assert iou_after > iou_before, (iou_before, iou_after)
+    kept = split_instances(small, enc.embeddings[:1], enc.sizes[:1], torch.full_like(logits[:1], -5.0),
+                           srm_in.valid[:1, 0], [[]], base[:1])
+    assert refine_instances(small, enc.embeddings[:1], enc.sizes[:1], logits[:1], srm_in.valid[:1, 0], kept, 2) == kept
 
 
 def test_a_single_component_or_an_absent_target_keeps_the_policys_mask(small: FrozenSam) -> None:

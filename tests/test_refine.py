@@ -164,3 +164,31 @@ def test_a_bundle_asking_for_an_unreadable_click_count_is_refused(tmp_path, conf
     torch.save(payload, path)
     with pytest.raises(BundleError):
         load_bundle(path, sam)
+
+
+def test_per_instance_prompts_get_as_many_clicks_on_their_union(monkeypatch, tmp_path) -> None:
+    """With per-instance prompts the same count goes to :func:`alignsam.instances.refine_instances` (after the split,
+    before the filter) unless given apart, and the ablations without an SRM get none."""
+    predict_module = importlib.import_module("alignsam.predict")
+    seen: list[int] = []
+    real = predict_module.refine_instances
+
+    def spy(sam, embeddings, sizes, srm_logits, valid, results, clicks):
+        seen.append(clicks)
+        return real(sam, embeddings, sizes, srm_logits, valid, results, clicks)
+
+    monkeypatch.setattr(predict_module, "refine_instances", spy)
+    sam = FrozenSam.from_preset("tiny", seed=0)
+    samples = bright_disc_samples(4, seed=5)
+    result = train(sam, samples, TrainConfig(ppo=PPOConfig(episodes=1, steps=2, epochs=1), grid=(6, 6),
+                                             branch="implicit", seed=1))
+    save_bundle(result.policy, tmp_path / "p.pt", sam, text="disc")
+    model = AlignSAM(sam, load_bundle(tmp_path / "p.pt", sam))
+    images = [s.image for s in samples[:2]]
+    model.predict(images, instances=True, refine=2)
+    model.predict(images, instances=True, refine=2, instance_refine=0)
+    model.predict(images, instances=True, refine=0)
+    model.predict(images, instances=False, refine=2)  # one mask: no split, no per-instance clicks
+    assert seen == [2, 0, 0]
+    with pytest.raises(ValueError, match="SRM labels"):
+        model.predict(images, instances=True, labels="positive", instance_refine=1)
