@@ -12,6 +12,7 @@ from alignsam.bundle import load_bundle, save_bundle
 from alignsam.errors import BundleError
 from alignsam.instances import (
     FEATURES,
+    FEATURES_V1,
     InstanceFilter,
     InstanceResult,
     component_box,
@@ -302,6 +303,49 @@ def test_the_filter_learns_a_band_with_squares_and_still_reads_linear_filters() 
     assert np.isfinite(banded.scores(outlier)).all() and banded.scores(outlier)[0] < 0
     with pytest.raises(ValueError, match="malformed"):
         InstanceFilter.from_dict({**banded.to_dict(), "weight": banded.weight[:-1]})
+
+
+def test_radial_features_tell_turned_squares_and_triangles_from_discs() -> None:
+    """Box fill changes when a square turns; the boundary's spread of distances to the centroid does not, and it
+    orders disc < square < triangle."""
+    from PIL import Image, ImageDraw
+
+    def shape(vertices: int, angle: float) -> np.ndarray:
+        img = Image.new("L", (96, 96))
+        if vertices == 0:
+            ImageDraw.Draw(img).ellipse((18, 18, 78, 78), fill=1)
+        else:
+            t = angle + np.arange(vertices) * 2 * np.pi / vertices
+            ImageDraw.Draw(img).polygon([(48 + 30 * np.cos(a), 48 + 30 * np.sin(a)) for a in t], fill=1)
+        return np.asarray(img, bool)
+
+    image = np.zeros((96, 96, 3), np.uint8)
+    spread, reach, fill = FEATURES.index("radial spread"), FEATURES.index("radial range"), FEATURES.index("box fill")
+    disc = instance_features(image, shape(0, 0.0))
+    squares = [instance_features(image, shape(4, a)) for a in (0.0, 0.4, np.pi / 4)]
+    triangles = [instance_features(image, shape(3, a)) for a in (0.0, 0.7)]
+    assert disc[spread] < 0.03 and disc[reach] < 0.15
+    assert all(0.05 < f[spread] < 0.15 for f in squares) and all(f[spread] > 0.15 for f in triangles)
+    assert max(f[fill] for f in squares) - min(f[fill] for f in squares) > 0.3  # what box fill alone would read
+    assert max(f[spread] for f in squares) - min(f[spread] for f in squares) < 0.03
+
+
+def test_a_filter_over_the_first_features_still_loads_and_scores_on_their_columns() -> None:
+    """Bundles made before the radial features carry filters over :data:`FEATURES_V1`: they load, score today's
+    feature vectors on those columns (a prefix), and keep their names when saved again."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, len(FEATURES)))
+    y = x[:, 0] > 0
+    old = fit_instance_filter(x[:, : len(FEATURES_V1)], y)
+    assert old is not None
+    assert old.features == FEATURES_V1
+    loaded = InstanceFilter.from_dict(old.to_dict())
+    assert loaded.features == FEATURES_V1 and loaded.to_dict()["features"] == list(FEATURES_V1)
+    assert np.allclose(loaded.scores(x), old.scores(x[:, : len(FEATURES_V1)]))
+    new = fit_instance_filter(x, y)
+    assert new is not None and InstanceFilter.from_dict(new.to_dict()).features == FEATURES
+    with pytest.raises(ValueError, match="other features"):
+        InstanceFilter.from_dict({**new.to_dict(), "features": list(FEATURES[:-1])})
 
 
 def test_the_filter_drops_distractor_instances_sam_draws(small: FrozenSam) -> None:
