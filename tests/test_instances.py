@@ -131,13 +131,19 @@ def test_an_instance_box_covers_its_cells_in_image_pixels(small: FrozenSam) -> N
     assert component_box(small, np.ones((g, g), bool), size) == pytest.approx((0, 0, 400, 300), abs=1e-3)
 
 
-def test_instance_boxes_reach_sam_and_keep_one_mask_per_instance(small: FrozenSam) -> None:
-    scenes = make_split("instances", "test", 2)
+def _perfect_srm(small: FrozenSam, n: int):
+    """``n`` multi-instance test scenes encoded, with the ground truth on the embedding grid as the SRM's logits (a
+    perfect SRM) and an empty base mask each: ``(scenes, enc, srm_in, logits [n, g, g], base)``."""
+    scenes = make_split("instances", "test", n)
     enc = encode(small, [s.image for s in scenes], masks=[s.mask for s in scenes])
     srm_in = SrmInputs(small, enc)
     assert srm_in.gt is not None
     logits = (srm_in.gt[:, 0] > 0.5).float() * 10 - 5
-    base = [np.zeros(s.mask.shape, np.float32) for s in scenes]
+    return scenes, enc, srm_in, logits, [np.zeros(s.mask.shape, np.float32) for s in scenes]
+
+
+def test_instance_boxes_reach_sam_and_keep_one_mask_per_instance(small: FrozenSam) -> None:
+    _, enc, srm_in, logits, base = _perfect_srm(small, 2)
     pts: list[list[tuple[float, float, int]]] = [[], []]
     plain = split_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], pts, base)
     boxed = split_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], pts, base, boxes=True)
@@ -150,12 +156,7 @@ def test_corrective_clicks_per_instance_go_to_the_instance_they_correct(small: F
     """With a perfect SRM (the ground truth on the embedding grid), each round's click lands in one instance's prompt
     (a positive one in the instance of its component, a negative one in each instance covering it), only clicked
     instances change, the union is rebuilt from them, and three rounds bring the union closer to the target."""
-    scenes = make_split("instances", "test", 4)
-    enc = encode(small, [s.image for s in scenes], masks=[s.mask for s in scenes])
-    srm_in = SrmInputs(small, enc)
-    assert srm_in.gt is not None
-    logits = (srm_in.gt[:, 0] > 0.5).float() * 10 - 5
-    base = [np.zeros(s.mask.shape, np.float32) for s in scenes]
+    scenes, enc, srm_in, logits, base = _perfect_srm(small, 4)
     parts = split_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], [[] for _ in scenes], base)
     assert refine_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], parts, 0) == parts
     one = refine_instances(small, enc.embeddings, enc.sizes, logits, srm_in.valid[:, 0], parts, 1)
