@@ -190,9 +190,12 @@ def refine_instances(
     inside = refine.inside_frame(sam, sub_sizes, frame, device)
     srm_map = refine.srm_map_on(srm_logits[split][:, None].float(), (frame, frame))
     components = [grid_components(((srm_logits[i].float() > 0) & valid[i]).cpu().numpy())[0] for i in split]
+
+    def on_frame(i: int) -> torch.Tensor:  # image i's union on the error frame, > 0: foreground
+        return sam.to_embedding_frame(torch.as_tensor(out[i].probs), sizes[i], frame).to(device) - 0.5
+
+    union = torch.stack([on_frame(i) for i in split])
     for _ in range(clicks):
-        union = torch.stack([sam.to_embedding_frame(torch.as_tensor(out[i].probs), sizes[i], frame)
-                             for i in split]).to(device) - 0.5
         cells, labels = refine.corrective_cells(union, srm_map, inside)
         xy = sam.grid_to_points(cells[:, None], sub_sizes, frame)[:, 0].tolist()
         jobs: list[tuple[int, list[Point]]] = []
@@ -229,6 +232,9 @@ def refine_instances(
         for i, r in changed.items():
             r.probs = np.max(np.stack(r.part_probs), axis=0)
             out[i] = r
+        for j, i in enumerate(split):  # only the clicked images' unions moved
+            if i in changed:
+                union[j] = on_frame(i)
     return out
 
 
