@@ -161,7 +161,7 @@ class AlignSAM:
             if self.srm.branch == "explicit":
                 assert self.clip is not None
                 add_clip_maps(enc, self.sam, self.clip, chunk, [text] * len(chunk))
-            srm_in = SrmInputs(self.sam, enc)
+            srm_in = SrmInputs(self.sam, enc).projected(self.srm)  # once per chunk, not at every SRM call
             env = PromptEnv(self.sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
             idx = torch.arange(len(chunk), device=self.sam.device)
             res = rollout(self.sam, env, srm_in, self.agent, self.srm, idx, steps, actions=actions,

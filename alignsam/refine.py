@@ -39,18 +39,47 @@ REFINE_CANDIDATES: tuple[int, ...] = (0, 3, 6)
 1-3 clicks on mirror, blur and saliency and kept rising to 6 on shadow (``benchmarks/results/refine.md``)."""
 
 
+def _max3x3(x: torch.Tensor, outside: float = 0.0) -> torch.Tensor:
+    """``[B, H, W]`` float -> the maximum over each cell's 3 x 3 neighbourhood, cells outside the frame read as
+    ``outside``. Two separable passes of shifted maxima: the values of ``F.max_pool2d`` on the padded map at about a
+    twentieth of its CPU time on one-channel 48 x 48 maps (1.7 ms against 0.08 ms for 32 of them)."""
+    p = F.pad(x, (1, 1, 1, 1), value=outside)
+    r = torch.maximum(torch.maximum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
+    return torch.maximum(torch.maximum(r[:, :-2], r[:, 1:-1]), r[:, 2:])
+
+
+def _run_ids(fg: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W]`` bool -> ``[B * H * W]`` long: the same id (1, 2, ...) on every cell of one horizontal run of
+    True cells, 0 elsewhere."""
+    starts = fg & ~F.pad(fg, (1, 0))[:, :, :-1]
+    return torch.where(fg.reshape(-1), torch.cumsum(starts.reshape(-1), 0), 0)
+
+
 def largest_components(regions: torch.Tensor) -> torch.Tensor:
     """``[B, H, W]`` bool -> the largest 8-connected component of each (all False where a region is empty).
 
-    Batched label propagation: each cell of a region takes the largest index among itself and its 8 neighbours in
-    the region (one 3x3 max-pool a pass), until nothing changes."""
+    Batched label propagation: each cell of a region starts with its own index and repeatedly takes the largest
+    index it can reach in one pass, until nothing changes; every component then holds its largest index. A pass is
+    a 3x3 max-pool over the region (8-connectivity), then the maximum over each horizontal and each vertical run of
+    region cells (a label crosses a straight stretch in one pass), then each cell takes the label held by the cell
+    its label names (pointer jumping: that cell is in the same component and its label is no smaller). Why not the
+    max-pool alone: it moves a label one cell a pass, and those passes cost 13 ms per image on the multi-instance
+    scenes' 48 x 48 frames; on 64 random 48 x 48 regions this is 3-8x faster with the same fixed point."""
     b, h, w = regions.shape
     fg = regions.bool()
+    rows, cols = _run_ids(fg), _run_ids(fg.transpose(1, 2).contiguous())
+    n_rows, n_cols = int(rows.max()) + 1, int(cols.max()) + 1
     index = torch.arange(1, h * w + 1, device=fg.device, dtype=torch.float32).reshape(1, h, w).expand(b, h, w)
     labels = torch.where(fg, index, torch.zeros_like(index))
+    zero = torch.zeros(b, 1, device=fg.device)
     while True:
-        grown = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0]
-        grown = torch.where(fg, grown, torch.zeros_like(grown))
+        grown = torch.where(fg, _max3x3(labels), 0.0).reshape(-1)  # labels >= 0: zero padding is harmless
+        grown = torch.zeros(n_rows, device=fg.device).scatter_reduce_(0, rows, grown, "amax").index_select(0, rows)
+        grown = grown.reshape(b, h, w).transpose(1, 2).reshape(-1)
+        grown = torch.zeros(n_cols, device=fg.device).scatter_reduce_(0, cols, grown, "amax").index_select(0, cols)
+        grown = grown.reshape(b, w, h).transpose(1, 2).reshape(b, -1)
+        # label k names cell k - 1; background (label 0) reads the prepended 0
+        grown = torch.cat([zero, grown], 1).gather(1, grown.long()).reshape(b, h, w)
         if torch.equal(grown, labels):
             break
         labels = grown
@@ -70,7 +99,7 @@ def interior_cells(regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     deepest = cur.clone()
     while cur.any():
         deepest = torch.where(cur.flatten(1).any(1)[:, None, None], cur, deepest)
-        cur = -F.max_pool2d(-F.pad(cur.float(), (1, 1, 1, 1))[:, None], 3, stride=1)[:, 0] > 0.5
+        cur = _max3x3((~cur).float(), outside=1.0) < 0.5  # erosion; outside the frame is background
     b, h, w = regions.shape
     ys = torch.arange(h, device=regions.device, dtype=torch.float32)[None, :, None].expand(b, h, w)
     xs = torch.arange(w, device=regions.device, dtype=torch.float32)[None, None, :].expand(b, h, w)

@@ -10,6 +10,7 @@ grown prompt set. Ablations swap one part: random actions (w/o RL), every point 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -93,6 +94,19 @@ class SrmInputs:
                 sam.to_embedding_frame(torch.as_tensor(np.asarray(m), device=sam.device).float(), s)
                 for m, s in zip(enc.masks, enc.sizes, strict=True)
             ])[:, None]  # [N, 1, h, w] in [0, 1]
+
+    def projected(self, srm: SRM) -> SrmInputs:
+        """A shallow copy whose embeddings are on ``srm``'s channel projection (:meth:`SRM.project`), as training
+        builds the SRM's states: the same states (the projection commutes with the product and the pooling) for
+        r instead of C channels pooled at every SRM call (``self`` when they already are, or without a
+        projection)."""
+        projection = srm.projection
+        if projection is None or self.embeddings.shape[1] == projection.rank:
+            return self
+        out = copy.copy(self)
+        with torch.no_grad():
+            out.embeddings = srm.project(self.embeddings)
+        return out
 
     def forward(self, srm: SRM, idx: torch.Tensor, prev_mask: torch.Tensor | None) -> SRMOutput:
         """SRM output for images ``idx`` given SAM's previous probabilities on the embedding grid
@@ -212,12 +226,17 @@ def rollout(
     if refine > 0 and labels != "srm":
         raise ValueError(f"SRM corrective clicks need SRM labels, not {labels!r}")
     sizes = [env.sizes[i] for i in idx.tolist()]
+    srm_in = srm_in.projected(srm)
     points, point_labels, present = srm_initial_points(sam, srm_in, srm, idx)
     env.reset(idx, points, point_labels, steps=steps)
+    agent_emb = None
+    if actions == "agent" and steps > 0:  # the agent's states from r channels, as in training (agent.project)
+        assert agent is not None
+        agent_emb = agent.project(env.embeddings[env.image_index])
     for _ in range(steps):
-        if actions == "agent":
+        if agent_emb is not None:
             assert agent is not None
-            action, _, _ = agent.act(env.embeddings[env.image_index], env.prev_mask, env.history,
+            action, _, _ = agent.act(agent_emb, env.prev_mask, env.history,
                                      mask_repeats=mask_repeats, deterministic=True)
         else:
             action = random_actions(env.history, generator)

@@ -209,6 +209,7 @@ def _rollouts(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgen
     env = PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
     agent.eval()
     srm.eval()
+    srm_in = srm_in.projected(srm)  # once, not in every chunk's rollout
     for start in range(0, len(idx), batch):
         chunk = torch.tensor(idx[start : start + batch], device=sam.device)
         res = rollout(sam, env, srm_in, agent, srm, chunk, cfg.ppo.steps, mask_repeats=cfg.ppo.mask_repeats,

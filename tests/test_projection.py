@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from alignsam.agent import PromptAgent
+from alignsam.env import PromptEnv
+from alignsam.policy import TrainConfig
+from alignsam.ppo import PPOConfig
 from alignsam.projection import ChannelProjection
-from alignsam.srm import SRM
+from alignsam.rollout import SrmInputs, encode, rollout
+from alignsam.sam import FrozenSam
+from alignsam.srm import SRM, SRMConfig
+from alignsam.train import train
+from tests.helpers import bright_disc_samples
 
 
 def _embeddings(n: int = 6, c: int = 16, size: int = 12, seed: int = 0) -> torch.Tensor:
@@ -90,3 +97,27 @@ def test_projection_travels_in_the_state_dict():
     fresh = PromptAgent(16, grid=(4, 4), hidden=8, state_channels=6)
     fresh.load_state_dict(agent.state_dict())
     assert torch.equal(fresh.projection.weight, agent.projection.weight)
+
+
+def test_inference_projects_each_image_once_and_reads_the_same_states():
+    """``SrmInputs.projected`` and the rollout's agent states (what prediction uses): the SRM's logits and the
+    episode's points match those from the C-channel embeddings, the caller's inputs are left as they were."""
+    sam = FrozenSam.from_preset("tiny", seed=0)
+    samples = bright_disc_samples(4, seed=5)
+    cfg = TrainConfig(ppo=PPOConfig(episodes=1, steps=3, epochs=1), grid=(6, 6), branch="implicit", seed=1,
+                      agent_state_channels=8, srm=SRMConfig(state_channels=8))  # tiny SAM: 32 channels
+    policy = train(sam, samples, cfg).policy
+    enc = encode(sam, [s.image for s in samples], masks=[s.mask for s in samples])
+    full = SrmInputs(sam, enc)
+    projected = full.projected(policy.srm)
+    assert policy.srm.projection is not None
+    assert projected.embeddings.shape[1] == policy.srm.projection.rank and full.embeddings.shape[1] == sam.embed_dim
+    assert projected.projected(policy.srm) is projected  # already on the projection: nothing to do
+    idx = torch.arange(len(samples))
+    with torch.no_grad():
+        torch.testing.assert_close(projected.forward(policy.srm, idx, None).logits,
+                                   full.forward(policy.srm, idx, None).logits, atol=1e-4, rtol=1e-4)
+    env = PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, policy.config.env_config())
+    a = rollout(sam, env, full, policy.agent, policy.srm, idx, 3)
+    b = rollout(sam, env, projected, policy.agent, policy.srm, idx, 3)
+    assert torch.equal(a.points, b.points) and torch.equal(a.labels, b.labels)

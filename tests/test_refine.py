@@ -10,6 +10,7 @@ import importlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from alignsam.bundle import BundleError, load_bundle, save_bundle
 from alignsam.env import PromptEnv
@@ -18,6 +19,7 @@ from alignsam.ppo import PPOConfig
 from alignsam.predict import AlignSAM
 from alignsam.refine import (
     REFINE_CANDIDATES,
+    _max3x3,
     corrective_cells,
     inside_frame,
     interior_cells,
@@ -56,10 +58,33 @@ def test_the_click_goes_inside_the_largest_disagreement_with_its_sign() -> None:
     assert labels.tolist() == [-1]
 
 
-def test_batched_components_and_interior_points_agree_with_the_noc_protocols() -> None:
+def _snakes(n: int) -> np.ndarray:
+    """A serpentine path through an n x n frame (its far end is n * n / 2 cells away along it) and the same with
+    one rung cut: labels must travel the whole winding path, not a straight run."""
+    snake = np.zeros((n, n), bool)
+    for r in range(0, n, 4):
+        snake[r, :] = True
+        snake[r : r + 4, n - 1 if (r // 4) % 2 == 0 else 0] = True
+    cut = snake.copy()
+    cut[n // 2 - 2 : n // 2 + 2, :] = False
+    return np.stack([snake, cut, snake.T, np.rot90(snake).copy()])
+
+
+def _blobs(rng: np.random.Generator, count: int, n: int) -> np.ndarray:
+    noise = torch.from_numpy(rng.random((count, 1, n, n)).astype(np.float32))
+    return (F.avg_pool2d(noise, 5, 1, 2)[:, 0] > 0.5).numpy()
+
+
+@pytest.mark.parametrize("kind", ["noise", "snakes", "blobs"])
+def test_batched_components_and_interior_points_agree_with_the_noc_protocols(kind: str) -> None:
     rng = np.random.default_rng(0)
-    regions = rng.random((40, 20, 20)) < 0.5
-    regions[0] = False  # an empty region
+    if kind == "noise":
+        regions = rng.random((40, 20, 20)) < 0.5
+        regions[0] = False  # an empty region
+    elif kind == "snakes":
+        regions = _snakes(48)
+    else:
+        regions = _blobs(rng, 12, 48)
     largest = largest_components(torch.from_numpy(regions)).numpy()
     cells, found = interior_cells(torch.from_numpy(largest))
     assert found.tolist() == [bool(r.any()) for r in regions]
@@ -76,6 +101,13 @@ def test_batched_components_and_interior_points_agree_with_the_noc_protocols() -
             assert other.sum() <= comp.sum()
             rest &= ~other
         assert (cell[1], cell[0]) == interior_point(comp)
+
+
+def test_the_separable_3x3_maximum_is_max_pooling_with_the_frame_outside_given() -> None:
+    x = torch.rand(5, 17, 23)
+    assert torch.equal(_max3x3(x), F.max_pool2d(x[:, None], 3, 1, 1)[:, 0])
+    padded = F.pad(x, (1, 1, 1, 1), value=2.0)[:, None]
+    assert torch.equal(_max3x3(x, outside=2.0), F.max_pool2d(padded, 3, 1)[:, 0])
 
 
 def test_inside_frame_follows_the_images_resized_long_side() -> None:
