@@ -28,6 +28,7 @@ from alignsam.instances import (
     group_by_point_masks,
     refine_instances,
     split_instances,
+    with_weak_components,
 )
 from alignsam.rollout import ActionSource, LabelSource, SrmInputs, add_clip_maps, encode, rollout
 from alignsam.sam import FrozenSam
@@ -118,6 +119,7 @@ class AlignSAM:
         instance_filter: bool | None = None,
         refine: int | None = None,
         instance_refine: int | None = None,
+        weak: float | None = None,
     ) -> list[Prediction]:
         """Segments the bundle's target (or ``text``) in each image.
 
@@ -135,6 +137,9 @@ class AlignSAM:
         ground-truth labellings have no SRM to ask). ``instance_refine``: with per-instance prompts, that many more
         on the union of each split image's instances, each given to the instance it corrects
         (:func:`alignsam.instances.refine_instances`); None: as many as ``refine`` (what training validated).
+        ``weak``: split off the SRM map's weak components above this logit too
+        (:func:`alignsam.instances.with_weak_components`); None: the filter's own ``weak`` where the filter applies
+        (it was fit on them), else none.
 
         Raises:
           ValueError: ``instance_filter=True`` for a bundle without a filter.
@@ -143,6 +148,7 @@ class AlignSAM:
         if instance_filter and self.instance_filter is None:
             raise ValueError("this policy has no instance filter (its training did not keep one)")
         flt = self.instance_filter if instance_filter is not False else None
+        weak = flt.weak if weak is None and flt is not None else weak
         split = bool(self.bundle.meta.get("instances", False)) if instances is None else instances
         boxed = bool(self.bundle.meta.get("instance_boxes", False)) if boxes is None else boxes
         text = text or self.text
@@ -180,6 +186,8 @@ class AlignSAM:
                 parts = group_by_point_masks(self.sam, enc.embeddings, enc.sizes, all_points, all_probs, present)
             elif split:
                 initial = srm_in.forward(self.srm, idx, None).logits[:, 0]
+                if weak is not None:
+                    initial = with_weak_components(initial, srm_in.valid[idx, 0], weak)
                 parts = split_instances(self.sam, enc.embeddings, enc.sizes, initial, srm_in.valid[idx, 0],
                                         all_points, all_probs, present, boxes=boxed)
                 parts = refine_instances(self.sam, enc.embeddings, enc.sizes, initial, srm_in.valid[idx, 0], parts,

@@ -31,11 +31,13 @@ from alignsam.data import Sample
 from alignsam.env import PromptEnv
 from alignsam.errors import DataError
 from alignsam.instances import (
+    WEAK_LOGIT,
     InstanceFilter,
     filter_instances,
     fit_filter_on,
     refine_instances,
     split_instances,
+    with_weak_components,
 )
 from alignsam.metrics import iou as mask_iou
 from alignsam.policy import TrainConfig, TrainedPolicy
@@ -188,7 +190,8 @@ def evaluate_policy(
     if not idx:
         return {}
     ious, frs = [], []
-    for chunk, probs, parts, fr in _rollouts(sam, enc, srm_in, agent, srm, idx, cfg, batch, instances, boxes):
+    weak = instance_filter.weak if instance_filter is not None else None
+    for chunk, probs, parts, fr in _rollouts(sam, enc, srm_in, agent, srm, idx, cfg, batch, instances, boxes, weak):
         if parts is not None:
             if instance_filter is not None:
                 assert images is not None, "the instance filter reads the images"
@@ -202,10 +205,11 @@ def evaluate_policy(
 
 
 def _rollouts(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgent, srm: SRM, idx: Sequence[int],
-              cfg: TrainConfig, batch: int, instances: bool, boxes: bool) -> Iterator[tuple[list[int], list, list | None,
-                                                                                           list[float]]]:
+              cfg: TrainConfig, batch: int, instances: bool, boxes: bool, weak: float | None = None
+              ) -> Iterator[tuple[list[int], list, list | None, list[float]]]:
     """The deterministic policy on images ``idx`` in chunks of ``batch``: per chunk its image indices, the policy's
-    ``[H, W]`` probabilities, the per-instance results (``instances``; else None) and the FR values."""
+    ``[H, W]`` probabilities, the per-instance results (``instances``; else None, split with the map's weak
+    components at ``weak`` too: :func:`alignsam.instances.with_weak_components`) and the FR values."""
     env = PromptEnv(sam, enc.embeddings, enc.sizes, enc.masks, cfg.env_config())
     agent.eval()
     srm.eval()
@@ -222,6 +226,8 @@ def _rollouts(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgen
                        if lab >= 0] for r in range(len(chunk))]
             with torch.no_grad():
                 srm_logits = srm_in.forward(srm, chunk, None).logits[:, 0]
+                if weak is not None:
+                    srm_logits = with_weak_components(srm_logits, srm_in.valid[chunk, 0], weak)
             sizes = [enc.sizes[i] for i in chunk.tolist()]
             parts = split_instances(sam, enc.embeddings[chunk], sizes, srm_logits, srm_in.valid[chunk, 0], points,
                                     probs, [float(v) >= 0.5 for v in res.present], boxes=boxes)
@@ -457,7 +463,7 @@ def train(
             on = "validation" if val_idx else "training"
             with clock("validation"):
                 metrics = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg_g)
-                modes, flt = _instance_modes(sam, enc, srm_in, agent, srm, held_out, cfg_g, images, train_idx)
+                modes, filters = _instance_modes(sam, enc, srm_in, agent, srm, held_out, cfg_g, images, train_idx)
             metrics["on"] = on  # type: ignore[assignment]
             for m in modes.values():
                 m["on"] = on  # type: ignore[assignment]
@@ -472,7 +478,7 @@ def train(
                 kept_modes[name] = mode
                 if mode is not None:
                     policy.instances, policy.instance_boxes = True, mode.startswith("box")
-                    policy.instance_filter = flt.to_dict() if mode.endswith("+filter") and flt else None
+                    policy.instance_filter = filters[mode].to_dict() if mode in filters else None
                     policy.val_metrics = dict(modes[mode])
             logger.info("candidate %s: %s; per instance: %s", name, metrics, modes)
             # The pair kept is the one whose kept mode validates best, so a grid can win through its instances.
@@ -583,41 +589,51 @@ def kept_refine(scores: dict[str, dict[str, float]]) -> int:
 
 def _instance_modes(sam: FrozenSam, enc: Encoded, srm_in: SrmInputs, agent: PromptAgent, srm: SRM,
                     held_out: Sequence[int], cfg: TrainConfig, images: Sequence[np.ndarray],
-                    train_idx: Sequence[int]) -> tuple[dict[str, dict[str, float]], InstanceFilter | None]:
+                    train_idx: Sequence[int]) -> tuple[dict[str, dict[str, float]], dict[str, InstanceFilter]]:
     """Validation metrics of one candidate prompted per instance: ``{"points": ..., "box": ...}`` as
     ``cfg.instances`` / ``cfg.instance_boxes`` allow ({} when instances are off), and, unless
     ``cfg.instance_filter`` is "off", the better of the two with an instance filter fit on the training images
-    ``train_idx`` (``"points+filter"`` or ``"box+filter"``), with that filter (None when none could be fit)."""
+    ``train_idx``: ``"points+filter"`` (or ``"box+filter"``) over the SRM map's own components, and
+    ``"points+filter+weak"`` with its weak components as candidates too (:data:`alignsam.instances.WEAK_LOGIT`),
+    each filter fit on the candidates it then judges. Returns the metrics and each filtered mode's filter (no entry
+    where none could be fit)."""
     if cfg.instances == "off":
-        return {}, None
+        return {}, {}
     modes = {}
     if cfg.instance_boxes != "on":
         modes["points"] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True)
     if cfg.instance_boxes != "off":
         modes["box"] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True, boxes=True)
     if cfg.instance_filter == "off" or not held_out:
-        return modes, None
+        return modes, {}
     base = max(modes, key=lambda k: modes[k]["miou"])
-    flt, _ = fit_filter_on((images[i], part.masks, enc.masks[i])
-                        for chunk, _, parts, _ in _rollouts(sam, enc, srm_in, agent, srm, train_idx, cfg, 32, True,
-                                                            base == "box")
-                        for i, part in zip(chunk, parts or [], strict=True) if part.split)
-    if flt is not None:
-        modes[f"{base}+filter"] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True,
-                                                  boxes=base == "box", images=images, instance_filter=flt)
-    return modes, flt
+    filters: dict[str, InstanceFilter] = {}
+    for suffix, weak in (("+filter", None), ("+filter+weak", WEAK_LOGIT)):
+        flt, _ = fit_filter_on(((images[i], part.masks, enc.masks[i])
+                                for chunk, _, parts, _ in _rollouts(sam, enc, srm_in, agent, srm, train_idx, cfg, 32,
+                                                                    True, base == "box", weak)
+                                for i, part in zip(chunk, parts or [], strict=True) if part.split), weak=weak)
+        if flt is not None:
+            filters[base + suffix] = flt
+            modes[base + suffix] = evaluate_policy(sam, enc, srm_in, agent, srm, held_out, cfg, instances=True,
+                                                   boxes=base == "box", images=images, instance_filter=flt)
+    return modes, filters
 
 
 def kept_instance_mode(modes: dict[str, dict[str, float]], whole_miou: float, cfg: TrainConfig) -> str | None:
     """The instance mode training keeps from validation metrics ``modes`` (:func:`_instance_modes`) against the
     policy's own mask's ``whole_miou``: None (one mask), or "points" / "box" (the better; points on a tie), kept only
-    at ``INSTANCE_MARGIN`` above one mask (or ``cfg.instances`` "on"), then its "+filter" form when that scores
-    ``INSTANCE_MARGIN`` higher again (or ``cfg.instance_filter`` "on")."""
+    at ``INSTANCE_MARGIN`` above one mask (or ``cfg.instances`` "on"), then its filtered form when that scores
+    ``INSTANCE_MARGIN`` higher again (or ``cfg.instance_filter`` "on"): "+filter", or "+filter+weak" where that
+    scores ``INSTANCE_MARGIN`` above "+filter" (its weak components cost decodes) or is the only one."""
     base_modes = [m for m in ("points", "box") if m in modes]
     if not base_modes:
         return None
     base = max(base_modes, key=lambda k: modes[k]["miou"])
     filtered = f"{base}+filter"
+    weak = f"{base}+filter+weak"
+    if weak in modes and (filtered not in modes or modes[weak]["miou"] >= modes[filtered]["miou"] + INSTANCE_MARGIN):
+        filtered = weak
     if filtered in modes and (cfg.instance_filter == "on"
                               or modes[filtered]["miou"] >= modes[base]["miou"] + INSTANCE_MARGIN):
         base_score, base = modes[filtered]["miou"], filtered

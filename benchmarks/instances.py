@@ -38,7 +38,7 @@ import torch
 from alignsam import metrics
 from alignsam.bundle import load_bundle, save_bundle
 from alignsam.evaluate import foreground_rate
-from alignsam.instances import fit_filter_on
+from alignsam.instances import WEAK_LOGIT, fit_filter_on
 from alignsam.loading import load_sam, resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
@@ -152,19 +152,36 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
     # the margin over the policy's own mask.
     box_wins = val_box is not None and val_box > val_on
     # The instance filter as training fits it: on the training scenes' instances (here all 50: the benchmark's
-    # policy was trained on all of them), in the better per-instance form.
+    # policy was trained on all of them), in the better per-instance form; one over the SRM map's own components and
+    # one with its weak components too (alignsam.instances.with_weak_components), each validated.
     train_samples = task_samples(task, "train", args.train)
-    model.instance_filter, targets = fit_filter_on(  # None when every training instance is the target (nothing to learn)
-        (s.image, p.instances, s.mask) for s, p in zip(
-            train_samples, model.predict([s.image for s in train_samples], instances=True, boxes=box_wins),
-            strict=True) if p.instance_points)
-    val_filter = metrics.miou([p.probs for p in model.predict([s.image for s in val], instances=True, boxes=box_wins,
-                                                              instance_filter=True)], val_gts) \
-        if model.instance_filter is not None else None
+    base = "box" if box_wins else "points"
+    filters: dict[str, Any] = {}
+    val_filters: dict[str, float] = {}
+    seen_by: dict[str, np.ndarray] = {}  # whether each training instance is the target, per filter
+    for suffix, weak in (("+filter", None), ("+filter+weak", WEAK_LOGIT)):
+        flt, seen = fit_filter_on(  # None when every training instance is the target (nothing to learn)
+            ((s.image, p.instances, s.mask) for s, p in zip(
+                train_samples, model.predict([s.image for s in train_samples], instances=True, boxes=box_wins,
+                                             instance_filter=False, weak=weak), strict=True) if p.instance_points),
+            weak=weak)
+        if flt is None:
+            continue
+        filters[base + suffix], seen_by[base + suffix] = flt, seen
+        model.instance_filter = flt
+        val_filters[base + suffix] = metrics.miou([p.probs for p in model.predict(
+            [s.image for s in val], instances=True, boxes=box_wins, instance_filter=True)], val_gts)
     modes = {"points": {"miou": val_on}, **({"box": {"miou": val_box}} if val_box is not None else {}),
-             **({f"{'box' if box_wins else 'points'}+filter": {"miou": val_filter}} if val_filter is not None else {})}
+             **{k: {"miou": v} for k, v in val_filters.items()}}
     kept = kept_instance_mode(modes, val_off, dataclasses.replace(cfg, instances="auto"))
-    chosen, filtered = kept is not None, kept is not None and kept.endswith("+filter")
+    chosen, filtered = kept is not None, kept is not None and kept in filters
+    # The table's filter rows use the kept filter, or (no filter kept) the one the rule would pick between the two.
+    weak_key = base + "+filter+weak"
+    weak_wins = weak_key in val_filters and (base + "+filter" not in val_filters or
+                                             val_filters[weak_key] >= val_filters[base + "+filter"] + INSTANCE_MARGIN)
+    shown = kept if filtered else (weak_key if weak_wins else base + "+filter")
+    model.instance_filter, val_filter = filters.get(shown), val_filters.get(shown)
+    targets = seen_by.get(shown, np.zeros(0, bool))
     refine = None
     if args.refine:
         # As alignsam.train._refine_choice chooses, on the kept mode: each count of SRM corrective clicks validated,
@@ -202,7 +219,10 @@ def run_task(sam: Any, task: str, cfg: TrainConfig, args: argparse.Namespace) ->
                    miou_over_wo_srm=goals["miou_over_wo_srm"] >= 0.05)
     out = {"task": task, **info, "grid": list(cfg.grid), "use_mask_input": cfg.use_mask_input,
            "filter_examples": {"instances": len(targets), "targets": int(targets.sum())},
-           "val": {"off": val_off, "instances": val_on, "box": val_box, "filter": val_filter, "n": len(val),
+           "val": {"off": val_off, "instances": val_on, "box": val_box, "filter": val_filter,
+                   "filter_own": val_filters.get(base + "+filter"), "filter_weak": val_filters.get(weak_key),
+                   "filter_candidates": "weak" if model.instance_filter is not None and model.instance_filter.weak
+                   is not None else "own", "n": len(val),
                    "chosen": ("instances + box" if box_wins else "instances") + (" + filter" if filtered else "")
                    if chosen else "off"},
            "rows": rows, "oracle_miou": oracle, "refine": refine, "goals": goals, "met": met, "eval_s": time.perf_counter() - t0}
@@ -285,6 +305,10 @@ def write(name: str, results: dict[str, Any]) -> None:
                      ) if "fr_over_random" in g else "ablations not run; "
         box = f" / box {r['val']['box']:.3f}" if r["val"].get("box") is not None else ""
         box += f" / filter {r['val']['filter']:.3f}" if r["val"].get("filter") is not None else ""
+        if r["val"].get("filter_weak") is not None:  # both filters were validated: which candidates, and each score
+            own = r["val"].get("filter_own")
+            box += f" ({r['val']['filter_candidates']}: own components {own:.3f}" if own is not None else " ("
+            box += f", with weak ones {r['val']['filter_weak']:.3f})"
         lines.append((task, f"**chosen: {r['val']['chosen']}** (val {r['val']['off']:.3f} / {r['val']['instances']:.3f}"
                       f"{box})",
                       "", "", "", f"oracle {r['oracle_miou']:.3f}, ratio {g['over_oracle']:.3f}",

@@ -187,7 +187,9 @@ def _instance_choice(meta: Mapping[str, Any]) -> str | None:
     chosen = ("per instance with boxes" if meta.get("instance_boxes") else "per instance") if meta["instances"] \
         else "one mask"
     if meta["instances"] and meta.get("instance_filter"):
-        chosen += ", filtered"
+        flt = meta["instance_filter"]
+        weak = isinstance(flt, Mapping) and flt.get("weak") is not None  # alignsam.instances.with_weak_components
+        chosen += ", filtered (weak components too)" if weak else ", filtered"
     split = meta.get("instance_metrics") if isinstance(meta.get("instance_metrics"), Mapping) else {}
     branches = meta.get("candidates") if isinstance(meta.get("candidates"), Mapping) else {}
     kept = meta.get("chosen_candidate") or meta.get("branch")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import alignsam.predict as predict_module
 from alignsam.bundle import load_bundle, save_bundle
 from alignsam.errors import BundleError
 from alignsam.instances import (
@@ -25,6 +26,7 @@ from alignsam.instances import (
     instance_features,
     refine_instances,
     split_instances,
+    with_weak_components,
 )
 from alignsam.loading import load_sam
 from alignsam.metrics import iou
@@ -120,6 +122,51 @@ def test_grouping_by_own_masks_finds_instances_without_any_srm_map(small: Frozen
     assert not absent.split
 
 
+def test_weak_components_become_instances_of_their_own_and_merge_nothing() -> None:
+    logits = torch.full((1, 12, 12), -6.0)
+    logits[0, 1:4, 1:4] = 3.0     # a component of the map
+    logits[0, 4, 1:4] = -1.0      # a weak rim touching it: stays below 0 (raising it would merge)
+    logits[0, 8:10, 8:10] = -1.5  # a weak blob of its own: raised to an instance
+    logits[0, 8:10, 0:2] = -1.0   # another, but outside the image
+    valid = torch.ones(1, 12, 12, dtype=torch.bool)
+    valid[0, :, :3] = valid[0, :, :3] & torch.arange(12)[:, None].lt(6)
+    out = with_weak_components(logits, valid, -2.0)
+    assert torch.equal(out[0, 1:4, 1:4], logits[0, 1:4, 1:4]) and (out[0, 4, 1:4] < 0).all()
+    assert torch.allclose(out[0, 8:10, 8:10], torch.full((2, 2), 0.5)) and (out[0, 8:10, 0:2] < 0).all()
+    assert torch.equal(out[0][out[0] < -2], logits[0][logits[0] < -2])  # the rest is untouched
+    _, count = grid_components(((out[0] > 0) & valid[0]).numpy())
+    assert count == 2
+    assert torch.equal(with_weak_components(logits, valid, -0.5), logits)  # nothing weak above -0.5 stands alone
+
+
+def test_a_filter_fit_on_weak_components_keeps_them_in_its_bundle_and_prediction(monkeypatch, tmp_path) -> None:
+    flt = InstanceFilter([0.0] * len(FEATURES), [1.0] * len(FEATURES), [0.0] * len(FEATURES), 1.0, weak=-2.0)
+    assert InstanceFilter.from_dict(flt.to_dict()) == flt
+    plain = InstanceFilter.from_dict({k: v for k, v in flt.to_dict().items() if k != "weak"})
+    assert plain.weak is None  # filters before weak components judge the map's own components only
+    for bad in (True, "x", 0.5, 0.0, -100.0, float("nan")):
+        with pytest.raises(ValueError, match="weak"):
+            InstanceFilter.from_dict({**flt.to_dict(), "weak": bad})
+    sam = FrozenSam.from_preset("tiny", seed=0)
+    samples = bright_disc_samples(4, seed=2)
+    result = train(sam, samples, TrainConfig(ppo=PPOConfig(episodes=1, steps=2, epochs=1), grid=(6, 6),
+                                             branch="implicit", seed=3, instances="on", instance_filter="off"))
+    result.policy.instance_filter = flt.to_dict()
+    save_bundle(result.policy, tmp_path / "w.pt", sam, text="disc")
+    model = AlignSAM(sam, load_bundle(tmp_path / "w.pt", sam))
+    assert model.instance_filter == flt
+    seen: list[float] = []
+    real = predict_module.with_weak_components
+    monkeypatch.setattr(predict_module, "with_weak_components", lambda lg, v, w: seen.append(w) or real(lg, v, w))
+    images = [s.image for s in samples[:2]]
+    model.predict(images)
+    assert seen == [-2.0]
+    model.predict(images, instance_filter=False)  # no filter to judge them: no weak components
+    assert seen == [-2.0]
+    model.predict(images, instance_filter=False, weak=-1.0)  # asked for (to fit a filter on them)
+    assert seen == [-2.0, -1.0]
+
+
 def test_an_instance_box_covers_its_cells_in_image_pixels(small: FrozenSam) -> None:
     g = small.embedding_size
     cells = np.zeros((g, g), bool)
@@ -211,11 +258,13 @@ def test_training_chooses_the_mode_by_validation_and_the_bundle_keeps_it(tmp_pat
     # when one could be fit); the kept one is the mode.
     modes = auto.instance_candidates["implicit"]
     assert set(auto.instance_candidates) == {"implicit"} and {"points", "box"} <= set(modes)
-    assert set(modes) - {"points", "box"} <= {"points+filter", "box+filter"}
+    assert set(modes) - {"points", "box"} <= {"points+filter", "box+filter", "points+filter+weak", "box+filter+weak"}
     kept = kept_instance_mode(modes, auto.candidates["implicit"]["miou"], auto.policy.config)
     assert auto.instance_metrics == modes[kept or max(modes, key=lambda k: modes[k]["miou"])]
     assert auto.policy.instance_boxes is (kept is not None and kept.startswith("box"))
-    assert (auto.policy.instance_filter is not None) is (kept is not None and kept.endswith("+filter"))
+    assert (auto.policy.instance_filter is not None) is (kept is not None and "+filter" in kept)
+    if auto.policy.instance_filter is not None:  # the kept filter judges the candidates it was fit on
+        assert (auto.policy.instance_filter.get("weak") is not None) is kept.endswith("+weak")
     boxed = train(sam, samples, TrainConfig(**{**base.__dict__, "instances": "on", "instance_boxes": "on",
                                                 "instance_filter": "off"}))
     assert set(boxed.instance_candidates["implicit"]) == {"box"} and boxed.policy.instance_boxes is True
@@ -378,6 +427,13 @@ def test_kept_instance_mode_needs_the_margin_at_each_step() -> None:
     assert kept_instance_mode(m, 0.70, TrainConfig(instances="on")) == "points"
     assert kept_instance_mode(m, 0.50, TrainConfig(instances="auto", instance_filter="on")) == "points+filter"
     assert kept_instance_mode({"box": {"miou": 0.7}}, 0.5, cfg) == "box"
+    # The weak components cost decodes: their filter is kept over the plain one only 0.01 higher.
+    weak = {**m, "points+filter": {"miou": 0.62}, "points+filter+weak": {"miou": 0.625}}
+    assert kept_instance_mode(weak, 0.5, cfg) == "points+filter"
+    weak["points+filter+weak"] = {"miou": 0.63}
+    assert kept_instance_mode(weak, 0.5, cfg) == "points+filter+weak"
+    assert kept_instance_mode({"points": {"miou": 0.6}, "points+filter+weak": {"miou": 0.7}}, 0.5, cfg) == \
+        "points+filter+weak"
     assert kept_instance_mode({}, 0.5, cfg) is None
 
 

@@ -152,9 +152,10 @@ def test_a_trained_project_shows_the_active_and_previous_policy_scores(queue_app
     write_sidecar(settings, "20261201-010203-aaaa1111", miou=0.5, fr=0.6)
     write_sidecar(settings, "20261202-010203-bbbb2222", miou=0.7, fr=0.8, interactive={
         "branch": "implicit", "instances": True, "instance_metrics": {"miou": 0.72}, "instance_boxes": True,
-        "instance_filter": {"features": ["hue cos"], "mean": [0.0], "std": [1.0], "weight": [1.0], "bias": 0.0},
+        "instance_filter": {"features": ["hue cos"], "mean": [0.0], "std": [1.0], "weight": [1.0], "bias": 0.0,
+                            "weak": -2.0},
         "instance_candidates": {"implicit 16x16": {"points": {"miou": 0.65}, "box": {"miou": 0.7},
-                                                   "box+filter": {"miou": 0.72}},
+                                                   "box+filter": {"miou": 0.71}, "box+filter+weak": {"miou": 0.72}},
                                 "implicit": {"points": {"miou": 0.4}, "box": {"miou": 0.3}}},
         "candidates": {"implicit": {"miou": 0.5}, "explicit": {"miou": 0.45}, "implicit 16x16": {"miou": 0.55}},
         "chosen_candidate": "implicit 16x16",
@@ -180,8 +181,9 @@ def test_a_trained_project_shows_the_active_and_previous_policy_scores(queue_app
     assert label_row(section, "Shape") == ["Shape", "20261202-010203-bbbb2222", "0.700 (+0.200)", "0.800",
                                            "20261201-010203-aaaa1111", "0.500", "0.600", "activated",
                                            "implicit 0.500 · explicit 0.450 · implicit 16x16 0.550 (kept)",
-                                           "per instance with boxes, filtered · val mIoU per instance (points "
-                                           "0.650 / box 0.700 / box+filter 0.720), one mask 0.550 · mask feedback "
+                                           "per instance with boxes, filtered (weak components too) · val mIoU "
+                                           "per instance (points 0.650 / box 0.700 / box+filter 0.710 / "
+                                           "box+filter+weak 0.720), one mask 0.550 · mask feedback "
                                            "off (on 0.695) · 3 SRM clicks (0: 0.660, 6: 0.705)",
                                            "mask-input · NoC@90 1.5 (pre-label, then SAM on the clicks alone: 3.2)"]
     assert label_row(section, "Shadow") == ["Shadow", "none yet", "–", "–", "–", "–", "–", "not enough examples",
