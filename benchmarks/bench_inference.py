@@ -4,7 +4,8 @@
     python -m benchmarks.bench_inference --preset vit_b --images 2 --repeat 1 --train-scenes 2 --threads 1  # random vit_b
 
 For each preset and setting (the paper's one mask on the 10 x 10 grid; per-instance prompts; a 16 x 16 grid; 3 and 6
-SRM corrective clicks after the episode, 6 the most training picks, alone and per instance), a
+SRM corrective clicks after the episode, 6 the most training picks, alone and per instance, and per instance with a
+filter over the SRM map's weak components too), a
 policy is trained briefly (E=1; the weights do not change the work inference does) on other scenes, then
 ``AlignSAM.predict`` runs on ``--images`` fresh scenes of the multi-instance family (the embedding cache is emptied before every
 repeat, so every repeat encodes). SAM's own work inside that call is timed where it happens: the image encoder
@@ -26,6 +27,7 @@ import torch
 
 from alignsam.bundle import Bundle
 from alignsam.data import Sample
+from alignsam.instances import WEAK_LOGIT, fit_filter_on
 from alignsam.loading import load_sam, resolve_device
 from alignsam.policy import TrainConfig
 from alignsam.ppo import PPOConfig
@@ -39,8 +41,11 @@ TARGET = 1.15
 FAMILY = "instances"  # 3-6 target objects per scene: the per-instance split has real work to do
 SETTINGS = {"one mask": ((10, 10), False, 0), "per instance": ((10, 10), True, 0), "16x16 grid": ((16, 16), False, 0),
             "3 SRM clicks": ((10, 10), False, 3), "6 SRM clicks": ((10, 10), False, 6),
-            "per instance + 6 SRM clicks": ((10, 10), True, 6)}
-"""setting -> (action grid, per-instance prompts, SRM corrective clicks after the episode)."""
+            "per instance + 6 SRM clicks": ((10, 10), True, 6),
+            "per instance + weak-component filter + 6 SRM clicks": ((10, 10), "weak filter", 6)}
+"""setting -> (action grid, per-instance prompts (``"weak filter"``: with an instance filter fit on the training scenes'
+instances split with the SRM map's weak components, as validation keeps it on semantic:circle), SRM corrective
+clicks after the episode)."""
 SAM_PARTS = ("embed_many", "decode", "postprocess")
 
 
@@ -96,10 +101,20 @@ def run(preset: str, device: str, n_images: int, repeat: int, n_train: int) -> d
     images = [s.image for s in make_split(FAMILY, "test", n_images)]
     out: dict[str, dict[str, float]] = {}
     policies: dict[tuple[int, int], Bundle] = {}
-    for name, (grid, instances, refine) in SETTINGS.items():
+    for name, (grid, split, refine) in SETTINGS.items():
         if grid not in policies:
             policies[grid] = policy(sam, grid, n_train)
         model = AlignSAM(sam, policies[grid])
+        instances, filtered = bool(split), split == "weak filter"
+        if filtered:
+            scenes = make_split(FAMILY, "train", max(n_train, 12))  # enough instances of both kinds to fit one
+            preds = model.predict([s.image for s in scenes], instances=True, instance_filter=False, weak=WEAK_LOGIT)
+            model.instance_filter, _ = fit_filter_on(((s.image, p.instances, s.mask) for s, p in
+                                                      zip(scenes, preds, strict=True) if p.instance_points),
+                                                     weak=WEAK_LOGIT)
+            if model.instance_filter is None:  # e.g. random weights: nothing told the instances apart
+                print(f"[{preset} {name}] skipped: no instance filter could be fit", flush=True)
+                continue
         model.predict(images[:1], instances=instances, refine=refine)  # warm-up (allocations, first-call paths)
         clock = SamClock(sam)
         walls, floors = [], []
