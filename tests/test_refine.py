@@ -108,6 +108,7 @@ def test_the_separable_3x3_maximum_is_max_pooling_with_the_frame_outside_given()
     assert torch.equal(_max3x3(x), F.max_pool2d(x[:, None], 3, 1, 1)[:, 0])
     padded = F.pad(x, (1, 1, 1, 1), value=2.0)[:, None]
     assert torch.equal(_max3x3(x, outside=2.0), F.max_pool2d(padded, 3, 1)[:, 0])
+    assert largest_components(torch.zeros(0, 4, 4, dtype=torch.bool)).shape == (0, 4, 4)  # no image: nothing to do
 
 
 def test_inside_frame_follows_the_images_resized_long_side() -> None:
